@@ -1,0 +1,62 @@
+"""CorInfoMax self-supervised learning as a Hugging Face transformers model on any timm backbone.
+
+Importing this package registers the Auto classes (`AutoConfig`, `AutoModel`, `AutoModelForPreTraining`,
+`AutoModelForImageClassification`) for `model_type="corinfomax"`, and registers with timm the
+CIFAR-stem variants of the ResNet family (`<arch>_cifar_stem`) used by timm-format exports.
+"""
+
+import timm
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
+
+from .configuration_corinfomax import CorInfoMaxConfig
+from .loss import (
+    CorInfoMaxLoss,
+    CorInfoMaxLossOutput,
+    CorInfoMaxNumericalError,
+    covariance_eigenvalues,
+    effective_rank,
+    gather_with_grad,
+    ld_mutual_information,
+    rankme,
+)
+from .modeling_corinfomax import (
+    CorInfoMaxForImageClassification,
+    CorInfoMaxForPreTraining,
+    CorInfoMaxModel,
+    CorInfoMaxPreTrainedModel,
+    make_image_processor,
+    register_cifar_stem_architecture,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register("corinfomax", CorInfoMaxConfig, exist_ok=True)
+AutoModel.register(CorInfoMaxConfig, CorInfoMaxModel, exist_ok=True)
+AutoModelForPreTraining.register(CorInfoMaxConfig, CorInfoMaxForPreTraining, exist_ok=True)
+AutoModelForImageClassification.register(CorInfoMaxConfig, CorInfoMaxForImageClassification, exist_ok=True)
+
+for _architecture in timm.list_models(module="resnet"):
+    register_cifar_stem_architecture(_architecture)
+
+__all__ = [
+    "CorInfoMaxConfig",
+    "CorInfoMaxForImageClassification",
+    "CorInfoMaxForPreTraining",
+    "CorInfoMaxLoss",
+    "CorInfoMaxLossOutput",
+    "CorInfoMaxModel",
+    "CorInfoMaxNumericalError",
+    "CorInfoMaxPreTrainedModel",
+    "covariance_eigenvalues",
+    "effective_rank",
+    "gather_with_grad",
+    "ld_mutual_information",
+    "make_image_processor",
+    "rankme",
+    "register_cifar_stem_architecture",
+]
