@@ -1,0 +1,779 @@
+#!/usr/bin/env python
+"""Pretrain a CorInfoMax image encoder with Accelerate on a `datasets` image corpus.
+
+    accelerate launch train.py                                   # bundled Fashion-MNIST demo (CPU, ~10 min)
+    accelerate launch train.py --preset cifar10                  # the paper's CIFAR-10 run from the Hub
+    accelerate launch --multi_gpu train.py --preset imagenet1k-r50 --dataset_name ILSVRC/imagenet-1k
+    accelerate launch train.py --train_dir path/to/images --backbone convnext_tiny --image_size 224
+
+Flags follow transformers' `run_image_classification_no_trainer.py`; every `CorInfoMaxConfig` field
+is a flag of the same name. Precedence: built-in defaults < `--preset` < `--config` file < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from timm.optim import create_optimizer_v2
+from tqdm.auto import tqdm
+
+import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
+from modeling_corinfomax import (
+    CorInfoMaxConfig,
+    CorInfoMaxForPreTraining,
+    CorInfoMaxModel,
+    CorInfoMaxNumericalError,
+    covariance_eigenvalues,
+    effective_rank,
+)
+from modeling_corinfomax.data import (
+    BatchViewAugment,
+    DataError,
+    EpochShuffleSampler,
+    ExampleCollator,
+    ImageRows,
+    StreamingImageRows,
+    TwoViewAugmentation,
+    label_names,
+    load_image_dataset,
+    normalize_batch,
+    resolve_columns,
+)
+from modeling_corinfomax.presets import PRESETS
+
+logger = logging.getLogger("corinfomax.train")
+
+# The no-argument run: the bundled Fashion-MNIST demo, sized for 10 minutes on 2 CPU cores.
+DEFAULTS: dict = {
+    # data
+    "dataset_name": None,
+    "dataset_config_name": None,
+    "train_dir": None,
+    "train_split": "train",
+    "validation_split": "test",
+    "image_column": None,
+    "label_column": None,
+    "max_train_samples": None,
+    "max_eval_samples": 2000,
+    "streaming": False,
+    "cache_dir": None,
+    "skip_bad_images": False,
+    "augmentation": {
+        "view1": {"crop_scale": [0.25, 1.0], "hue": 0.0, "saturation": 0.0, "blur_p": 0.5, "blur_sigma": [0.1, 1.0]},
+        "view2": {"crop_scale": [0.25, 1.0], "hue": 0.0, "saturation": 0.0, "blur_p": 0.1, "blur_sigma": [0.1, 1.0],
+                  "solarize_p": 0.2},
+    },
+    # model (CorInfoMaxConfig fields)
+    "backbone": "resnet18",
+    "backbone_kwargs": {},
+    "cifar_stem": False,
+    "projector_dims": [1024, 1024, 64],
+    "projector_batchnorm": False,
+    "normalize": True,
+    "alpha": 250.0,
+    "lambda_R": 0.01,
+    "lambda_mu": 0.01,
+    "R_init": 1.0,
+    "eps": 1e-8,
+    "image_size": 32,
+    "image_mean": [0.2860, 0.2860, 0.2860],
+    "image_std": [0.3530, 0.3530, 0.3530],
+    # optimisation
+    "optimizer": "sgd",
+    "learning_rate": 0.5,
+    "lr_reference_batch_size": 256,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "exclude_bias_and_norm_from_wd": False,
+    "per_device_train_batch_size": None,
+    "total_batch_size": 256,
+    "gradient_accumulation_steps": 1,
+    "num_train_epochs": 3,
+    "max_train_steps": None,
+    "time_budget_minutes": None,
+    "warmup_epochs": 1.0,
+    "warmup_start_lr": 3e-3,
+    "min_lr": 1e-6,
+    "seed": 0,
+    # speed and distribution
+    "mixed_precision": None,
+    "channels_last": True,
+    "torch_compile": False,
+    "dataloader_num_workers": None,
+    "sync_bn": False,
+    # checkpoints, monitoring, output
+    "output_dir": "outputs/corinfomax-demo",
+    "checkpointing_steps": None,
+    "resume_from_checkpoint": None,
+    "save_total_limit": None,
+    "report_to": "none",
+    "logging_steps": 10,
+    "eval_steps": None,
+    "on_nan": "stop",
+    "do_eval": True,
+    "eval_baselines": True,
+    "max_eval_train_samples": None,
+    "push_to_hub": False,
+    "hub_model_id": None,
+    "hub_token": None,
+    "hub_private_repo": False,
+}
+
+CONFIG_FIELDS = (
+    "backbone", "backbone_kwargs", "cifar_stem", "projector_dims", "projector_batchnorm", "normalize", "alpha",
+    "lambda_R", "lambda_mu", "R_init", "eps", "image_size", "image_mean", "image_std",
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; resolve defaults < --preset < --config < explicit flags; validate everything."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    bool_flag = argparse.BooleanOptionalAction
+    g = p.add_argument_group("presets and config files")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="every hyperparameter of an original run")
+    g.add_argument("--config", help="YAML or JSON file of flag values (unknown keys are refused)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", help="a Hub dataset id or anything datasets.load_dataset accepts")
+    g.add_argument("--dataset_config_name")
+    g.add_argument("--train_dir", help="a local folder of images (imagefolder)")
+    g.add_argument("--train_split")
+    g.add_argument("--validation_split", help="labelled split for monitoring and the final evaluation")
+    g.add_argument("--image_column")
+    g.add_argument("--label_column", help="optional: labels are used only for monitoring")
+    g.add_argument("--max_train_samples", type=int)
+    g.add_argument("--max_eval_samples", type=int, help="size of the held-out split used for kNN monitoring")
+    g.add_argument("--streaming", action=bool_flag)
+    g.add_argument("--cache_dir")
+    g.add_argument("--skip_bad_images", action=bool_flag, help="skip unreadable images (counted and logged)")
+    g = p.add_argument_group("model (CorInfoMaxConfig fields)")
+    g.add_argument("--backbone", help="any timm architecture name")
+    g.add_argument("--backbone_kwargs", type=json.loads, help='JSON, e.g. \'{"img_size": 32, "patch_size": 4}\'')
+    g.add_argument("--cifar_stem", action=bool_flag)
+    g.add_argument("--projector_dims", type=int, nargs="+")
+    g.add_argument("--projector_batchnorm", action=bool_flag)
+    g.add_argument("--normalize", action=bool_flag)
+    g.add_argument("--alpha", type=float, help="invariance weight (official: sim_loss_weight)")
+    g.add_argument("--lambda_R", type=float, help="covariance forgetting factor (official: la_R)")
+    g.add_argument("--lambda_mu", type=float, help="mean forgetting factor (official: la_mu)")
+    g.add_argument("--R_init", type=float, help="initial covariance scale (official: R_ini)")
+    g.add_argument("--eps", type=float, help="log-det regulariser (official: R_eps_weight)")
+    g.add_argument("--image_size", type=int)
+    g.add_argument("--image_mean", type=float, nargs=3)
+    g.add_argument("--image_std", type=float, nargs=3)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=["sgd", "lars"])
+    g.add_argument("--learning_rate", type=float, help="lr at --lr_reference_batch_size (scaled linearly)")
+    g.add_argument("--lr_reference_batch_size", type=int)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--exclude_bias_and_norm_from_wd", action=bool_flag)
+    g.add_argument("--per_device_train_batch_size", type=int)
+    g.add_argument("--total_batch_size", type=int, help="global batch (used when per-device size is not set)")
+    g.add_argument("--gradient_accumulation_steps", type=int)
+    g.add_argument("--num_train_epochs", type=float)
+    g.add_argument("--max_train_steps", type=int)
+    g.add_argument("--time_budget_minutes", type=float, help="size the run to this wall-clock budget")
+    g.add_argument("--warmup_epochs", type=float)
+    g.add_argument("--warmup_start_lr", type=float)
+    g.add_argument("--min_lr", type=float)
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("speed and distribution")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="overrides accelerate's config")
+    g.add_argument("--channels_last", action=bool_flag)
+    g.add_argument("--torch_compile", action=bool_flag)
+    g.add_argument("--dataloader_num_workers", type=int)
+    g.add_argument("--sync_bn", action=bool_flag)
+    g = p.add_argument_group("checkpoints, monitoring and output")
+    g.add_argument("--output_dir")
+    g.add_argument("--checkpointing_steps", help="an integer number of steps, or 'epoch'")
+    g.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest'")
+    g.add_argument("--save_total_limit", type=int, help="keep only the newest N checkpoints")
+    g.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"])
+    g.add_argument("--logging_steps", type=int)
+    g.add_argument("--eval_steps", type=int, help="kNN accuracy on the validation split every N steps")
+    g.add_argument("--on_nan", choices=["stop", "skip"], help="on a non-finite loss: checkpoint and stop, or skip")
+    g.add_argument("--do_eval", action=bool_flag, help="final kNN + linear evaluation when labels exist")
+    g.add_argument("--eval_baselines", action=bool_flag, help="also evaluate random-init and raw-pixel baselines")
+    g.add_argument("--max_eval_train_samples", type=int, help="cap on the kNN bank / probe training set")
+    g.add_argument("--push_to_hub", action=bool_flag)
+    g.add_argument("--hub_model_id")
+    g.add_argument("--hub_token")
+    g.add_argument("--hub_private_repo", action=bool_flag)
+    given = vars(p.parse_args(argv))
+
+    values = dict(DEFAULTS)
+    preset = given.get("preset")
+    if preset:
+        values.update(PRESETS[preset])
+    if given.get("config"):
+        values.update(read_config_file(given["config"]))
+    values.update({k: v for k, v in given.items() if k not in ("preset", "config")})
+    values["preset"] = preset
+    args = argparse.Namespace(**values)
+    validate_args(args)
+    return args
+
+
+def read_config_file(path: str) -> dict:
+    """Read a YAML/JSON file of flag values; refuse unknown keys with the list of known ones."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise SystemExit(f"error: cannot read --config {path}: {error}") from None
+    data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: --config {path} must hold a mapping of flag names to values.")
+    unknown = sorted(set(data) - set(DEFAULTS))
+    if unknown:
+        raise SystemExit(f"error: --config {path} has unknown keys {unknown}. Known keys: {sorted(DEFAULTS)}.")
+    return data
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse bad values and combinations before any data is loaded."""
+
+    def fail(message: str):
+        raise SystemExit(f"error: {message}")
+
+    try:
+        args.model_config = CorInfoMaxConfig(**{k: getattr(args, k) for k in CONFIG_FIELDS})
+    except ValueError as error:
+        fail(str(error))
+    for name in ("per_device_train_batch_size", "total_batch_size", "gradient_accumulation_steps", "logging_steps",
+                 "eval_steps", "max_train_steps", "max_train_samples", "save_total_limit", "lr_reference_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            fail(f"--{name} must be a positive integer, got {value}.")
+    if args.num_train_epochs is not None and args.num_train_epochs <= 0:
+        fail(f"--num_train_epochs must be > 0, got {args.num_train_epochs}.")
+    if args.learning_rate <= 0 or args.min_lr < 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
+        fail("--learning_rate must be > 0 and --min_lr, --warmup_epochs, --weight_decay >= 0.")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not str(args.checkpointing_steps).isdigit() or int(args.checkpointing_steps) <= 0:
+            fail(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}.")
+    if args.push_to_hub and not args.hub_model_id:
+        fail("--push_to_hub needs --hub_model_id org/name (the repository to create or update).")
+    if args.dataset_name and args.train_dir:
+        fail("pass either --dataset_name or --train_dir, not both.")
+    if args.streaming and args.max_train_steps is None:
+        fail("--streaming datasets have no length: set --max_train_steps.")
+    try:
+        args.two_view_augmentation = TwoViewAugmentation.from_dict(args.augmentation)
+    except (DataError, TypeError) as error:
+        fail(f"bad augmentation setting: {error}")
+    check_backbone_accepts_image_size(args.model_config, fail)
+
+
+def check_backbone_accepts_image_size(config: CorInfoMaxConfig, fail) -> None:
+    """Build the backbone once and run two images through it, so a size it cannot take fails now."""
+    try:
+        model = CorInfoMaxModel(config, add_projector=False).eval()
+        with torch.no_grad():
+            model(torch.zeros(2, 3, config.image_size, config.image_size))
+    except ValueError as error:
+        fail(str(error))
+    except (RuntimeError, AssertionError) as error:
+        fail(
+            f"backbone {config.backbone!r} cannot take {config.image_size}x{config.image_size} images ({error}). "
+            "Use a larger --image_size, --cifar_stem for ResNets, or backbone_kwargs such as "
+            '\'{"img_size": 32, "patch_size": 4}\' for ViTs.'
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_dataloaders(args, accelerator):
+    """The two-view training loader, and the labelled evaluation rows (or None)."""
+    train = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split,
+                               args.streaming, args.cache_dir)
+    image_column, label_column = resolve_columns(train, args.image_column, args.label_column)
+    if args.max_train_samples and not args.streaming:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    elif args.max_train_samples:
+        train = train.take(args.max_train_samples)
+    if not args.streaming and len(train) == 0:
+        raise DataError("the training split is empty: check --train_split, --train_dir or --max_train_samples.")
+    workers = args.dataloader_num_workers
+    if workers is None:  # leave the cores to the model on small machines
+        workers = max(1, min(8, (os.cpu_count() or 2) // max(1, accelerator.num_processes) - 1))
+    common = {"image_column": image_column, "label_column": label_column, "image_size": args.image_size}
+    loader_kwargs = {"num_workers": workers, "pin_memory": accelerator.device.type == "cuda",
+                     "collate_fn": ExampleCollator(args.skip_bad_images), "persistent_workers": False}
+    if workers:
+        loader_kwargs["prefetch_factor"] = 4
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
+
+        shard = split_dataset_by_node(train, accelerator.process_index, accelerator.num_processes)
+        rows = StreamingImageRows(shard, augmentation=args.two_view_augmentation, seed=args.seed, **common)
+        sampler = None
+        train_loader = torch.utils.data.DataLoader(rows, batch_size=args.per_device_train_batch_size, drop_last=True,
+                                                   **loader_kwargs)
+    else:
+        rows = ImageRows(train, augmentation=args.two_view_augmentation, seed=args.seed, **common)
+        if len(rows) < args.total_batch_size:
+            raise DataError(
+                f"the training set has {len(rows)} images, fewer than one global batch of {args.total_batch_size}: "
+                "lower --total_batch_size/--per_device_train_batch_size or add data."
+            )
+        sampler = EpochShuffleSampler(len(rows), seed=args.seed)
+        train_loader = torch.utils.data.DataLoader(rows, batch_size=args.per_device_train_batch_size, sampler=sampler,
+                                                   drop_last=True, **loader_kwargs)
+
+    eval_rows = None
+    if label_column is not None and args.validation_split and not args.streaming:
+        try:
+            held_out = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_dir,
+                                          args.validation_split, False, args.cache_dir)
+            bank = train
+            if args.max_eval_train_samples:
+                bank = bank.select(range(min(args.max_eval_train_samples, len(bank))))
+            eval_rows = {
+                "train": ImageRows(bank, mode="eval", **common),
+                "test": ImageRows(held_out, mode="eval", **common),
+                "names": label_names(train, label_column),
+            }
+        except DataError as error:
+            logger.warning("no labelled evaluation split (%s); kNN monitoring and the final evaluation are off", error)
+    return rows, sampler, train_loader, eval_rows, loader_kwargs
+
+
+def make_lr_lambda(args, steps_per_epoch: int, total_steps: int, peak_lr: float):
+    """Linear warmup from `warmup_start_lr` to the peak, then cosine to `min_lr` (per optimisation step)."""
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            lr = args.warmup_start_lr + (peak_lr - args.warmup_start_lr) * step / warmup
+        else:
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            lr = args.min_lr + 0.5 * (peak_lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+        return lr / peak_lr
+
+    return factor
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a partial one has no trainer_state.json and is never picked)."""
+    root = output_dir / "checkpoints"
+    done = [p for p in root.glob("step_*") if (p / "trainer_state.json").exists() and re.fullmatch(r"step_\d+", p.name)]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def save_checkpoint(accelerator, output_dir: Path, state: dict, save_total_limit: int | None) -> Path:
+    """`accelerator.save_state` into a temporary folder, then an atomic rename to `step_<N>`."""
+    root = output_dir / "checkpoints"
+    final = root / f"step_{state['global_step']}"
+    tmp = root / f".tmp-step_{state['global_step']}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(
+            f"error: could not write checkpoint {final} ({error}). The previous checkpoints are intact; "
+            "free disk space (or lower --save_total_limit) and resume with --resume_from_checkpoint latest."
+        ) from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and save_total_limit:
+        done = sorted((p for p in root.glob("step_*") if (p / "trainer_state.json").exists()),
+                      key=lambda p: int(p.name.split("_")[1]))
+        for old in done[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (checkpoint, then a clean exit)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def agreed(self, accelerator) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    project = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=str(project),
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False if args.streaming else None),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    if args.gradient_accumulation_steps > 1:
+        logger.warning(
+            "gradient accumulation: the CorInfoMax covariance and its log-det are estimated per micro-batch of "
+            "%d x %d processes, not over the accumulated batch; the loss is not the large-batch loss.",
+            args.per_device_train_batch_size or 0, accelerator.num_processes,
+        )
+    set_seed(args.seed)
+    if args.per_device_train_batch_size is None:
+        divisor = accelerator.num_processes * args.gradient_accumulation_steps
+        if args.total_batch_size % divisor:
+            raise SystemExit(f"error: --total_batch_size {args.total_batch_size} is not divisible by "
+                             f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps.")
+        args.per_device_train_batch_size = args.total_batch_size // divisor
+    args.total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    peak_lr = args.learning_rate * args.total_batch_size / args.lr_reference_batch_size
+
+    try:
+        rows, sampler, train_loader, eval_rows, loader_kwargs = build_dataloaders(args, accelerator)
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
+
+    model = CorInfoMaxForPreTraining(args.model_config)
+    if args.on_nan == "skip":
+        model.loss_fn.on_error = "report"
+    if args.sync_bn and accelerator.num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=args.optimizer, lr=peak_lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, filter_bias_and_bn=args.exclude_bias_and_norm_from_wd)
+    steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps if sampler is not None else None
+    if steps_per_epoch is not None:
+        steps_per_epoch = math.ceil(steps_per_epoch / accelerator.num_processes)
+    total_steps = args.max_train_steps or int(math.ceil(args.num_train_epochs * steps_per_epoch))
+    steps_per_epoch = steps_per_epoch or total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(args, steps_per_epoch, total_steps, peak_lr))
+    # The scheduler is stepped once per optimisation step by us, so it is registered for checkpointing
+    # rather than prepared (a prepared scheduler steps once per process).
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    accelerator.register_for_checkpointing(scheduler)
+    if args.torch_compile:
+        model = torch.compile(model)
+    unwrapped = accelerator.unwrap_model(model)
+    aug_device = accelerator.device
+    augment = [BatchViewAugment(v, args.image_mean, args.image_std).to(aug_device)
+               for v in (args.two_view_augmentation.view1, args.two_view_augmentation.view2)]
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "skipped_steps": 0, "bad_images": 0, "history": []}
+    if args.resume_from_checkpoint:
+        path = latest_checkpoint(project) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
+        if path is None:
+            logger.info("--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh", project)
+        elif not (path / "trainer_state.json").exists():
+            raise SystemExit(f"error: {path} is not a complete checkpoint (no trainer_state.json).")
+        else:
+            accelerator.load_state(str(path))
+            state = json.loads((path / "trainer_state.json").read_text())
+            logger.info("resumed from %s at step %d", path, state["global_step"])
+
+    if accelerator.is_main_process:
+        project.mkdir(parents=True, exist_ok=True)
+        resolved = {k: v for k, v in vars(args).items() if k not in ("model_config", "two_view_augmentation", "hub_token")}
+        (project / "training_args.json").write_text(json.dumps(resolved, indent=2, default=str))
+    if args.report_to != "none":
+        accelerator.init_trackers("corinfomax", {k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))}
+                                  if accelerator.is_main_process else {})
+
+    logger.info("%d processes on %s, global batch %d, peak lr %.4g, %d steps (%d per epoch)",
+                accelerator.num_processes, accelerator.device, args.total_batch_size, peak_lr, total_steps, steps_per_epoch)
+    spectrum_batch = None
+    if eval_rows is not None:
+        spectrum_batch = next(iter(torch.utils.data.DataLoader(eval_rows["test"], batch_size=512,
+                                                               collate_fn=ExampleCollator(True))))["pixel_values"]
+    spectrum_start = projection_spectrum(unwrapped, spectrum_batch, args) if spectrum_batch is not None else None
+    if state["global_step"] and "spectrum_start" in state:
+        spectrum_start = torch.tensor(state["spectrum_start"])
+    elif spectrum_start is not None:
+        state["spectrum_start"] = spectrum_start.tolist()
+
+    stop = StopSignal()
+    checkpoint_every = None if args.checkpointing_steps in (None, "epoch") else int(args.checkpointing_steps)
+    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
+                    desc="pretraining", dynamic_ncols=True)
+    generator = torch.Generator(device=aug_device)
+    started, images_seen, window_start = time.time(), 0, time.time()
+    stopped_by = None
+    model.train()
+    while state["global_step"] < total_steps and stopped_by is None:
+        epoch = state["epoch"]
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        rows.set_epoch(epoch)
+        loader = train_loader
+        if state["step_in_epoch"]:
+            loader = accelerator.skip_first_batches(train_loader, state["step_in_epoch"] * args.gradient_accumulation_steps)
+        for batch in loader:
+            if batch["bad_images"]:
+                state["bad_images"] += len(batch["bad_images"])
+                logger.warning("skipped %d unreadable image(s) (total %d), first: %s", len(batch["bad_images"]),
+                               state["bad_images"], batch["bad_images"][0])
+            if "view1" not in batch:
+                continue
+            generator.manual_seed(hash((args.seed, state["global_step"], accelerator.process_index)) & 0x7FFFFFFF)
+            with accelerator.accumulate(model):
+                v1 = augment[0](batch["view1"], generator, memory_format)
+                v2 = augment[1](batch["view2"], generator, memory_format)
+                try:
+                    out = model(pixel_values=v1, pixel_values_2=v2)
+                except CorInfoMaxNumericalError as error:
+                    out, fault = None, str(error)
+                else:
+                    fault = None if torch.isfinite(out.loss) else (
+                        getattr(out, "error", None) or f"non-finite loss {out.loss.item()}")
+                if fault is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    if args.on_nan == "skip":
+                        state["skipped_steps"] += 1
+                        logger.warning("step %d skipped (%s); %d skipped so far", state["global_step"] + 1, fault,
+                                       state["skipped_steps"])
+                        continue
+                    path = save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
+                    raise SystemExit(
+                        f"error: numerical fault at step {state['global_step'] + 1}: {fault}\nThe last good state "
+                        f"is saved in {path}. Lower --learning_rate, raise --eps, or train in fp32 "
+                        "(--mixed_precision no), then --resume_from_checkpoint latest; or pass --on_nan skip."
+                    )
+                accelerator.backward(out.loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            images_seen += v1.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            progress.update(1)
+            step = state["global_step"]
+            if step % args.logging_steps == 0 or step == total_steps:
+                now = time.time()
+                eigs = covariance_eigenvalues(unwrapped.loss_fn.R1)
+                record = {"step": step, "epoch": epoch + state["step_in_epoch"] / steps_per_epoch,
+                          "loss": out.loss.item(), "invariance_loss": out.invariance_loss.item(),
+                          "covariance_loss": out.covariance_loss.item(), "lr": scheduler.get_last_lr()[0],
+                          "images_per_second": images_seen / max(now - window_start, 1e-9),
+                          "effective_rank": effective_rank(eigs)}
+                images_seen, window_start = 0, now
+                if args.eval_steps and step % args.eval_steps == 0 and eval_rows is not None:
+                    record["knn_top1"] = monitor_knn(unwrapped, eval_rows, args, accelerator, loader_kwargs)
+                state["history"].append(record)
+                accelerator.log(record, step=step)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", erank=f"{record['effective_rank']:.1f}")
+            if checkpoint_every and step % checkpoint_every == 0:
+                save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
+            if stop.agreed(accelerator):
+                stopped_by = stop.received or signal.SIGTERM
+            if step >= total_steps or stopped_by is not None:
+                break
+            if args.time_budget_minutes and (time.time() - started) / 60 > args.time_budget_minutes:
+                logger.info("time budget of %.1f min reached at step %d", args.time_budget_minutes, step)
+                total_steps = step
+                break
+        else:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            if args.checkpointing_steps == "epoch":
+                save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
+    progress.close()
+    if stopped_by is not None:
+        path = save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
+        logger.info("received %s: saved %s; resume with --resume_from_checkpoint latest",
+                    signal.Signals(stopped_by).name, path)
+        accelerator.end_training()
+        return None
+
+    results = finish(args, accelerator, unwrapped, eval_rows, state, spectrum_batch, spectrum_start, loader_kwargs,
+                     time.time() - started)
+    accelerator.end_training()
+    return results
+
+
+def projection_spectrum(model, images, args) -> torch.Tensor:
+    """Sorted eigenvalues of the covariance of normalised projections of fixed un-augmented images."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = normalize_batch(images, args.image_mean, args.image_std).to(next(model.parameters()).device)
+        z = torch.nn.functional.normalize(model.corinfomax(x).projections.double(), dim=1)
+        z = z - z.mean(0)
+        eigs = covariance_eigenvalues(z.T @ z / z.shape[0]).cpu()
+    model.train(was_training)
+    return eigs
+
+
+def eval_features(model, rows, args, accelerator, loader_kwargs):
+    """Backbone features of un-augmented images (for kNN and the linear probe)."""
+    from modeling_corinfomax.evaluation import extract_features  # noqa: PLC0415
+
+    loader = torch.utils.data.DataLoader(rows, batch_size=256, shuffle=False, **loader_kwargs)
+    loader = accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
+    return extract_features(model, NormalizingLoader(loader, args), accelerator=accelerator)
+
+
+class NormalizingLoader:
+    """Wrap a loader of uint8 eval views into `pixel_values` floats the models expect."""
+
+    def __init__(self, loader, args):
+        self.loader, self.args = loader, args
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        fmt = torch.channels_last if self.args.channels_last else torch.contiguous_format
+        for batch in self.loader:
+            yield {"pixel_values": normalize_batch(batch["pixel_values"], self.args.image_mean, self.args.image_std, fmt),
+                   "labels": batch["labels"]}
+
+
+def monitor_knn(model, eval_rows, args, accelerator, loader_kwargs) -> float:
+    from modeling_corinfomax.evaluation import knn_accuracy  # noqa: PLC0415
+
+    n = args.max_eval_samples or len(eval_rows["test"])
+    subset = {k: torch.utils.data.Subset(eval_rows[k], range(min(n, len(eval_rows[k])))) for k in ("train", "test")}
+    xtr, ytr = eval_features(model.corinfomax, subset["train"], args, accelerator, loader_kwargs)
+    xte, yte = eval_features(model.corinfomax, subset["test"], args, accelerator, loader_kwargs)
+    num_classes = int(max(ytr.max(), yte.max())) + 1
+    return knn_accuracy(xtr, ytr, xte, yte, num_classes, k=20, temperature=0.07)["top1"]
+
+
+def evaluate_encoder(features_fn, num_classes) -> dict:
+    from modeling_corinfomax.evaluation import knn_accuracy, linear_probe  # noqa: PLC0415
+
+    (xtr, ytr), (xte, yte) = features_fn("train"), features_fn("test")
+    knn = knn_accuracy(xtr, ytr, xte, yte, num_classes, k=20, temperature=0.07)
+    linear = linear_probe(xtr, ytr, xte, yte, num_classes)
+    return {"knn_top1": knn["top1"], "linear_top1": linear["top1"]}
+
+
+def finish(args, accelerator, model, eval_rows, state, spectrum_batch, spectrum_start, loader_kwargs, seconds) -> dict:
+    """Save the model, evaluate against the baselines, write eval_results.json and the figure, push."""
+    project = Path(args.output_dir)
+    accelerator.wait_for_everyone()
+    model.save_pretrained(str(project), is_main_process=accelerator.is_main_process)
+    results: dict = {"train_runtime_seconds": round(seconds, 1), "global_step": state["global_step"],
+                     "skipped_steps": state["skipped_steps"], "bad_images": state["bad_images"]}
+    if eval_rows is not None and args.do_eval:
+        names = eval_rows["names"]
+        num_classes = len(names) if names else None
+
+        def features_of(encoder):
+            return lambda split: eval_features(encoder, eval_rows[split], args, accelerator, loader_kwargs)
+
+        ours = {split: features_of(model.corinfomax)(split) for split in ("train", "test")}
+        num_classes = num_classes or int(max(ours["train"][1].max(), ours["test"][1].max())) + 1
+        results.update(evaluate_encoder(lambda split: ours[split], num_classes))
+        if args.eval_baselines:
+            baseline_config = CorInfoMaxConfig(**{**args.model_config.to_dict(), "backbone_kwargs": {
+                **args.model_config.backbone_kwargs, **zero_init_last_off(args.model_config)}})
+            torch.manual_seed(args.seed)
+            random_init = CorInfoMaxModel(baseline_config, add_projector=False).to(accelerator.device)
+            if args.channels_last:
+                random_init = random_init.to(memory_format=torch.channels_last)
+            for key, value in evaluate_encoder(features_of(random_init), num_classes).items():
+                results[f"{key}_random_init"] = value
+            for key, value in evaluate_encoder(lambda split: raw_pixels(eval_rows[split], args), num_classes).items():
+                results[f"{key}_raw_pixels"] = value
+        results["dataset"] = {"name": args.dataset_name or args.train_dir or "bundled fashion-mnist subset",
+                              "config": args.dataset_config_name, "split": args.validation_split}
+        results["protocols"] = {
+            "knn": {"k": 20, "temperature": 0.07, "similarity": "cosine", "features": "backbone, un-augmented"},
+            "linear": {"method": "logistic regression on frozen precomputed backbone features"},
+        }
+    if accelerator.is_main_process:
+        (project / "eval_results.json").write_text(json.dumps(results, indent=2))
+        (project / "training_log.json").write_text(json.dumps(state["history"], indent=2))
+        spectrum_end = projection_spectrum(model, spectrum_batch, args) if spectrum_batch is not None else None
+        plot_training(project / "training.png", state["history"], spectrum_start, spectrum_end)
+        summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+        print(json.dumps(summary, indent=2))
+    if args.push_to_hub and accelerator.is_main_process:
+        from modeling_corinfomax.export import publish  # noqa: PLC0415
+
+        publish(project, repo_id=args.hub_model_id, token=args.hub_token or os.environ.get("HF_TOKEN"),
+                private=args.hub_private_repo)
+    return results
+
+
+def zero_init_last_off(config: CorInfoMaxConfig) -> dict:
+    """timm zero-initialises the last BN of each residual block; untrained, every image then maps to
+    nearly the same vector. The random-init baseline turns it off where the architecture has it."""
+    import inspect  # noqa: PLC0415
+
+    import timm  # noqa: PLC0415
+
+    model_cls = type(timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs))
+    return {"zero_init_last": False} if "zero_init_last" in inspect.signature(model_cls.__init__).parameters else {}
+
+
+def raw_pixels(rows, args):
+    """Flattened normalised un-augmented pixels: the no-learning baseline."""
+    loader = torch.utils.data.DataLoader(rows, batch_size=512, collate_fn=ExampleCollator(True))
+    xs, ys = [], []
+    for batch in loader:
+        xs.append(normalize_batch(batch["pixel_values"], args.image_mean, args.image_std).flatten(1))
+        ys.append(batch["labels"])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def plot_training(path: Path, history: list[dict], spectrum_start, spectrum_end) -> None:
+    """Loss curves (total and the two terms) and the projection covariance spectrum at start vs end."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    steps = [h["step"] for h in history]
+    for ax, key, title in zip(axes[:3], ("loss", "invariance_loss", "covariance_loss"),
+                              ("CorInfoMax loss", "invariance term (MSE)", "covariance term (-logdet/D)")):
+        ax.plot(steps, [h[key] for h in history])
+        ax.set(title=title, xlabel="step")
+    ax = axes[3]
+    if spectrum_start is not None and spectrum_end is not None:
+        ax.semilogy(spectrum_start.clamp_min(1e-12).numpy(), label="start")
+        ax.semilogy(spectrum_end.clamp_min(1e-12).numpy(), label="end")
+        ax.legend()
+    ax.set(title="projection covariance eigenvalues", xlabel="index (sorted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
