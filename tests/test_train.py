@@ -1,0 +1,195 @@
+"""train.py: flags, validation before data loading, outputs, exact resume, signals and 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import train  # noqa: E402
+
+# A run small enough for CI: 256 real images, batch 32, resnet18 at 32 px, no final evaluation.
+SMALL = [
+    "--max_train_samples", "256", "--total_batch_size", "32", "--projector_dims", "64", "64", "16",
+    "--logging_steps", "1", "--dataloader_num_workers", "0", "--no-do_eval",
+]  # fmt: skip
+
+
+def run_train(args: list[str], env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], env=env, capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=600, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lambda_R", "1.0"], "lambda_R=1.0"),
+        (["--lambda_mu", "-0.1"], "lambda_mu=-0.1"),
+        (["--eps", "0"], "eps=0.0"),
+        (["--total_batch_size", "0"], "--total_batch_size must be a positive integer"),
+        (["--per_device_train_batch_size", "-4"], "--per_device_train_batch_size must be a positive integer"),
+        (["--backbone", "resnet9000"], "not a timm architecture"),
+        (["--push_to_hub"], "--hub_model_id"),
+        (["--checkpointing_steps", "often"], "--checkpointing_steps"),
+        (["--projector_dims"], "expected at least one argument"),
+        (["--backbone", "vit_tiny_patch16_224", "--image_size", "32"], "cannot take 32x32"),
+        (["--backbone", "vit_tiny_patch16_224", "--cifar_stem"], "cifar_stem=True needs a ResNet"),
+        (["--streaming", "--dataset_name", "x/y"], "--max_train_steps"),
+        (["--dataset_name", "x/y", "--train_dir", "/tmp"], "not both"),
+    ],
+)
+def test_bad_flags_are_refused_before_loading_data(flags, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        train.parse_args(flags)
+    text = str(raised.value) + capsys.readouterr().err
+    assert message in text
+
+
+def test_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "cifar11"])
+    assert "invalid choice: 'cifar11'" in capsys.readouterr().err
+
+
+def test_presets_set_the_original_hyperparameters_and_flags_override():
+    args = train.parse_args(["--preset", "cifar10"])
+    assert (args.backbone, args.cifar_stem, args.projector_dims) == ("resnet18", True, [2048, 2048, 64])
+    assert (args.alpha, args.lambda_R, args.lambda_mu, args.eps, args.learning_rate) == (250.0, 0.01, 0.01, 1e-8, 0.5)
+    assert (args.total_batch_size, args.num_train_epochs, args.warmup_epochs) == (512, 1000, 10)
+    args = train.parse_args(["--preset", "imagenet1k-r50", "--alpha", "1000"])
+    assert args.projector_batchnorm and args.projector_dims == [8192, 8192, 512] and args.lambda_R == 0.1
+    assert args.alpha == 1000.0 and args.model_config.alpha == 1000.0
+
+
+def test_every_config_field_is_a_flag():
+    from modeling_corinfomax import CorInfoMaxConfig
+
+    fields = set(CorInfoMaxConfig().to_diff_dict()) | set(train.CONFIG_FIELDS)
+    fields -= {"model_type", "transformers_version", "initializer_range", "auto_map", "architectures", "dtype"}
+    args = train.parse_args([])
+    assert fields <= set(vars(args)), fields - set(vars(args))
+
+
+def test_config_file_is_read_and_unknown_keys_refused(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("alpha: 123.0\nprojector_dims: [32, 8]\n")
+    args = train.parse_args(["--config", str(good), "--lambda_R", "0.2"])
+    assert (args.alpha, args.projector_dims, args.lambda_R) == (123.0, [32, 8], 0.2)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"alpha": 1.0, "learning_rat": 0.1}))
+    with pytest.raises(SystemExit, match=r"unknown keys \['learning_rat'\].*Known keys: .*learning_rate"):
+        train.parse_args(["--config", str(bad)])
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine():
+    args = train.parse_args(["--warmup_epochs", "2", "--warmup_start_lr", "0.01", "--min_lr", "0.001"])
+    factor = train.make_lr_lambda(args, steps_per_epoch=10, total_steps=100, peak_lr=1.0)
+    assert factor(0) == pytest.approx(0.01)
+    assert factor(10) == pytest.approx(0.505)
+    assert factor(20) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.001 + 0.5 * 0.999)
+    assert factor(100) == pytest.approx(0.001)
+
+
+# --------------------------------------------------------------------------------------------------- runs
+
+
+def test_small_run_writes_a_loadable_model_and_all_outputs(tmp_path):
+    out = tmp_path / "run"
+    result = run_train([*SMALL, "--output_dir", str(out), "--max_train_steps", "3", "--do_eval",
+                        "--no-eval_baselines", "--max_eval_train_samples", "200"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_corinfomax.py",
+                 "training_args.json", "training_log.json", "training.png", "eval_results.json"):
+        assert (out / name).exists(), name
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 10.0 <= results["knn_top1"] <= 100.0 and 10.0 <= results["linear_top1"] <= 100.0
+    assert results["global_step"] == 3 and results["protocols"]["knn"]["k"] == 20
+    log = json.loads((out / "training_log.json").read_text())
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r["images_per_second"] > 0 and 1 <= r["effective_rank"] <= 16 for r in log)
+    assert "hub_token" not in json.loads((out / "training_args.json").read_text())
+
+    from transformers import AutoModel, AutoModelForPreTraining
+
+    model = AutoModel.from_pretrained(out)
+    assert type(model).__name__ == "CorInfoMaxModel"
+    pretraining = AutoModelForPreTraining.from_pretrained(out)
+    assert int(pretraining.loss_fn.num_updates) == 3  # the loss state travels with the weights
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    common = [*SMALL, "--max_train_steps", "8", "--checkpointing_steps", "2", "--dataloader_num_workers", "1"]
+    straight = tmp_path / "straight"
+    assert run_train([*common, "--output_dir", str(straight)]).returncode == 0
+
+    # SIGTERM after the first checkpoint: the run saves the current step and exits cleanly.
+    resumed = tmp_path / "resumed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *common, "--output_dir", str(resumed)],
+                            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (resumed / "checkpoints" / "step_2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "received SIGTERM" in output
+    steps = sorted(int(p.name.split("_")[1]) for p in (resumed / "checkpoints").glob("step_*"))
+    assert steps[-1] < 8, "the signal should stop the run before the end"
+    assert not (resumed / "model.safetensors").exists()
+
+    result = run_train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {resumed / 'checkpoints' / f'step_{steps[-1]}'}" in result.stdout
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = json.loads((resumed / "training_log.json").read_text())
+    assert [r["step"] for r in log] == list(range(1, 9))
+
+
+def test_partial_checkpoint_is_never_picked(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_4").mkdir(parents=True)
+    (root / "step_4" / "trainer_state.json").write_text("{}")
+    (root / "step_9").mkdir()  # a crash mid-write: no trainer_state.json
+    (root / ".tmp-step_12").mkdir()
+    assert train.latest_checkpoint(tmp_path) == root / "step_4"
+
+
+def test_two_processes_see_different_data_share_the_global_loss_and_stay_identical(tmp_path):
+    worker = REPO_ROOT / "tests" / "train_distributed_worker.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "1",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+         str(tmp_path)], env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["overlap"] == 0 and report["indices_per_rank"] == 16
+    assert report["loss_rel_err"] < 1e-10 and report["loss_equal_across_ranks"]
+    assert report["params_identical"] and report["state_identical"]
