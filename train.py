@@ -73,9 +73,21 @@ DEFAULTS: dict = {
     "cache_dir": None,
     "skip_bad_images": False,
     "augmentation": {
-        "view1": {"crop_scale": [0.25, 1.0], "hue": 0.0, "saturation": 0.0, "blur_p": 0.5, "blur_sigma": [0.1, 1.0]},
-        "view2": {"crop_scale": [0.25, 1.0], "hue": 0.0, "saturation": 0.0, "blur_p": 0.1, "blur_sigma": [0.1, 1.0],
-                  "solarize_p": 0.2},
+        "view1": {
+            "crop_scale": [0.25, 1.0],
+            "hue": 0.0,
+            "saturation": 0.0,
+            "blur_p": 0.5,
+            "blur_sigma": [0.1, 1.0],
+        },
+        "view2": {
+            "crop_scale": [0.25, 1.0],
+            "hue": 0.0,
+            "saturation": 0.0,
+            "blur_p": 0.1,
+            "blur_sigma": [0.1, 1.0],
+            "solarize_p": 0.2,
+        },
     },
     # model (CorInfoMaxConfig fields)
     "backbone": "resnet18",
@@ -141,8 +153,11 @@ CONFIG_FIELDS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; resolve defaults < --preset < --config < explicit flags; validate everything."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
     bool_flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("presets and config files")
     g.add_argument("--preset", choices=sorted(PRESETS), help="every hyperparameter of an original run")
@@ -162,7 +177,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--skip_bad_images", action=bool_flag, help="skip unreadable images (counted and logged)")
     g = p.add_argument_group("model (CorInfoMaxConfig fields)")
     g.add_argument("--backbone", help="any timm architecture name")
-    g.add_argument("--backbone_kwargs", type=json.loads, help='JSON, e.g. \'{"img_size": 32, "patch_size": 4}\'')
+    g.add_argument(
+        "--backbone_kwargs", type=json.loads, help='JSON, e.g. \'{"img_size": 32, "patch_size": 4}\''
+    )
     g.add_argument("--cifar_stem", action=bool_flag)
     g.add_argument("--projector_dims", type=int, nargs="+")
     g.add_argument("--projector_batchnorm", action=bool_flag)
@@ -206,9 +223,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--report_to", choices=["tensorboard", "wandb", "all", "none"])
     g.add_argument("--logging_steps", type=int)
     g.add_argument("--eval_steps", type=int, help="kNN accuracy on the validation split every N steps")
-    g.add_argument("--on_nan", choices=["stop", "skip"], help="on a non-finite loss: checkpoint and stop, or skip")
+    g.add_argument(
+        "--on_nan", choices=["stop", "skip"], help="on a non-finite loss: checkpoint and stop, or skip"
+    )
     g.add_argument("--do_eval", action=bool_flag, help="final kNN + linear evaluation when labels exist")
-    g.add_argument("--eval_baselines", action=bool_flag, help="also evaluate random-init and raw-pixel baselines")
+    g.add_argument(
+        "--eval_baselines", action=bool_flag, help="also evaluate random-init and raw-pixel baselines"
+    )
     g.add_argument("--max_eval_train_samples", type=int, help="cap on the kNN bank / probe training set")
     g.add_argument("--push_to_hub", action=bool_flag)
     g.add_argument("--hub_model_id")
@@ -240,7 +261,9 @@ def read_config_file(path: str) -> dict:
         raise SystemExit(f"error: --config {path} must hold a mapping of flag names to values.")
     unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
-        raise SystemExit(f"error: --config {path} has unknown keys {unknown}. Known keys: {sorted(DEFAULTS)}.")
+        raise SystemExit(
+            f"error: --config {path} has unknown keys {unknown}. Known keys: {sorted(DEFAULTS)}."
+        )
     return data
 
 
@@ -254,8 +277,17 @@ def validate_args(args: argparse.Namespace) -> None:
         args.model_config = CorInfoMaxConfig(**{k: getattr(args, k) for k in CONFIG_FIELDS})
     except ValueError as error:
         fail(str(error))
-    for name in ("per_device_train_batch_size", "total_batch_size", "gradient_accumulation_steps", "logging_steps",
-                 "eval_steps", "max_train_steps", "max_train_samples", "save_total_limit", "lr_reference_batch_size"):
+    for name in (
+        "per_device_train_batch_size",
+        "total_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "eval_steps",
+        "max_train_steps",
+        "max_train_samples",
+        "save_total_limit",
+        "lr_reference_batch_size",
+    ):
         value = getattr(args, name)
         if value is not None and value <= 0:
             fail(f"--{name} must be a positive integer, got {value}.")
@@ -267,7 +299,9 @@ def validate_args(args: argparse.Namespace) -> None:
         fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not str(args.checkpointing_steps).isdigit() or int(args.checkpointing_steps) <= 0:
-            fail(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}.")
+            fail(
+                f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}."
+            )
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id org/name (the repository to create or update).")
     if args.dataset_name and args.train_dir:
@@ -302,21 +336,33 @@ def check_backbone_accepts_image_size(config: CorInfoMaxConfig, fail) -> None:
 
 def build_dataloaders(args, accelerator):
     """The two-view training loader, and the labelled evaluation rows (or None)."""
-    train = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split,
-                               args.streaming, args.cache_dir)
+    train = load_image_dataset(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_dir,
+        args.train_split,
+        args.streaming,
+        args.cache_dir,
+    )
     image_column, label_column = resolve_columns(train, args.image_column, args.label_column)
     if args.max_train_samples and not args.streaming:
         train = train.select(range(min(args.max_train_samples, len(train))))
     elif args.max_train_samples:
         train = train.take(args.max_train_samples)
     if not args.streaming and len(train) == 0:
-        raise DataError("the training split is empty: check --train_split, --train_dir or --max_train_samples.")
+        raise DataError(
+            "the training split is empty: check --train_split, --train_dir or --max_train_samples."
+        )
     workers = args.dataloader_num_workers
     if workers is None:  # leave the cores to the model on small machines
         workers = max(1, min(8, (os.cpu_count() or 2) // max(1, accelerator.num_processes) - 1))
     common = {"image_column": image_column, "label_column": label_column, "image_size": args.image_size}
-    loader_kwargs = {"num_workers": workers, "pin_memory": accelerator.device.type == "cuda",
-                     "collate_fn": ExampleCollator(args.skip_bad_images), "persistent_workers": False}
+    loader_kwargs = {
+        "num_workers": workers,
+        "pin_memory": accelerator.device.type == "cuda",
+        "collate_fn": ExampleCollator(args.skip_bad_images),
+        "persistent_workers": False,
+    }
     if workers:
         loader_kwargs["prefetch_factor"] = 4
     if args.streaming:
@@ -325,8 +371,9 @@ def build_dataloaders(args, accelerator):
         shard = split_dataset_by_node(train, accelerator.process_index, accelerator.num_processes)
         rows = StreamingImageRows(shard, augmentation=args.two_view_augmentation, seed=args.seed, **common)
         sampler = None
-        train_loader = torch.utils.data.DataLoader(rows, batch_size=args.per_device_train_batch_size, drop_last=True,
-                                                   **loader_kwargs)
+        train_loader = torch.utils.data.DataLoader(
+            rows, batch_size=args.per_device_train_batch_size, drop_last=True, **loader_kwargs
+        )
     else:
         rows = ImageRows(train, augmentation=args.two_view_augmentation, seed=args.seed, **common)
         if len(rows) < args.total_batch_size:
@@ -335,14 +382,25 @@ def build_dataloaders(args, accelerator):
                 "lower --total_batch_size/--per_device_train_batch_size or add data."
             )
         sampler = EpochShuffleSampler(len(rows), seed=args.seed)
-        train_loader = torch.utils.data.DataLoader(rows, batch_size=args.per_device_train_batch_size, sampler=sampler,
-                                                   drop_last=True, **loader_kwargs)
+        train_loader = torch.utils.data.DataLoader(
+            rows,
+            batch_size=args.per_device_train_batch_size,
+            sampler=sampler,
+            drop_last=True,
+            **loader_kwargs,
+        )
 
     eval_rows = None
     if label_column is not None and args.validation_split and not args.streaming:
         try:
-            held_out = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_dir,
-                                          args.validation_split, False, args.cache_dir)
+            held_out = load_image_dataset(
+                args.dataset_name,
+                args.dataset_config_name,
+                args.train_dir,
+                args.validation_split,
+                False,
+                args.cache_dir,
+            )
             bank = train
             if args.max_eval_train_samples:
                 bank = bank.select(range(min(args.max_eval_train_samples, len(bank))))
@@ -352,7 +410,9 @@ def build_dataloaders(args, accelerator):
                 "names": label_names(train, label_column),
             }
         except DataError as error:
-            logger.warning("no labelled evaluation split (%s); kNN monitoring and the final evaluation are off", error)
+            logger.warning(
+                "no labelled evaluation split (%s); kNN monitoring and the final evaluation are off", error
+            )
     return rows, sampler, train_loader, eval_rows, loader_kwargs
 
 
@@ -374,7 +434,11 @@ def make_lr_lambda(args, steps_per_epoch: int, total_steps: int, peak_lr: float)
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint (a partial one has no trainer_state.json and is never picked)."""
     root = output_dir / "checkpoints"
-    done = [p for p in root.glob("step_*") if (p / "trainer_state.json").exists() and re.fullmatch(r"step_\d+", p.name)]
+    done = [
+        p
+        for p in root.glob("step_*")
+        if (p / "trainer_state.json").exists() and re.fullmatch(r"step_\d+", p.name)
+    ]
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
@@ -403,8 +467,10 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, save_total_limit
         ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and save_total_limit:
-        done = sorted((p for p in root.glob("step_*") if (p / "trainer_state.json").exists()),
-                      key=lambda p: int(p.name.split("_")[1]))
+        done = sorted(
+            (p for p in root.glob("step_*") if (p / "trainer_state.json").exists()),
+            key=lambda p: int(p.name.split("_")[1]),
+        )
         for old in done[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -438,24 +504,32 @@ def main(argv: list[str] | None = None) -> dict | None:
         project_dir=str(project),
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False if args.streaming else None),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
     if args.gradient_accumulation_steps > 1:
         logger.warning(
             "gradient accumulation: the CorInfoMax covariance and its log-det are estimated per micro-batch of "
             "%d x %d processes, not over the accumulated batch; the loss is not the large-batch loss.",
-            args.per_device_train_batch_size or 0, accelerator.num_processes,
+            args.per_device_train_batch_size or 0,
+            accelerator.num_processes,
         )
     set_seed(args.seed)
     if args.per_device_train_batch_size is None:
         divisor = accelerator.num_processes * args.gradient_accumulation_steps
         if args.total_batch_size % divisor:
-            raise SystemExit(f"error: --total_batch_size {args.total_batch_size} is not divisible by "
-                             f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps.")
+            raise SystemExit(
+                f"error: --total_batch_size {args.total_batch_size} is not divisible by "
+                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps."
+            )
         args.per_device_train_batch_size = args.total_batch_size // divisor
-    args.total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    args.total_batch_size = (
+        args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    )
     peak_lr = args.learning_rate * args.total_batch_size / args.lr_reference_batch_size
 
     try:
@@ -470,14 +544,22 @@ def main(argv: list[str] | None = None) -> dict | None:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=args.optimizer, lr=peak_lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, filter_bias_and_bn=args.exclude_bias_and_norm_from_wd)
+    optimizer = create_optimizer_v2(
+        model,
+        opt=args.optimizer,
+        lr=peak_lr,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        filter_bias_and_bn=args.exclude_bias_and_norm_from_wd,
+    )
     steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps if sampler is not None else None
     if steps_per_epoch is not None:
         steps_per_epoch = math.ceil(steps_per_epoch / accelerator.num_processes)
     total_steps = args.max_train_steps or int(math.ceil(args.num_train_epochs * steps_per_epoch))
     steps_per_epoch = steps_per_epoch or total_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(args, steps_per_epoch, total_steps, peak_lr))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, make_lr_lambda(args, steps_per_epoch, total_steps, peak_lr)
+    )
     # The scheduler is stepped once per optimisation step by us, so it is registered for checkpointing
     # rather than prepared (a prepared scheduler steps once per process).
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -486,15 +568,30 @@ def main(argv: list[str] | None = None) -> dict | None:
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
     aug_device = accelerator.device
-    augment = [BatchViewAugment(v, args.image_mean, args.image_std).to(aug_device)
-               for v in (args.two_view_augmentation.view1, args.two_view_augmentation.view2)]
+    augment = [
+        BatchViewAugment(v, args.image_mean, args.image_std).to(aug_device)
+        for v in (args.two_view_augmentation.view1, args.two_view_augmentation.view2)
+    ]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "skipped_steps": 0, "bad_images": 0, "history": []}
+    state = {
+        "global_step": 0,
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "skipped_steps": 0,
+        "bad_images": 0,
+        "history": [],
+    }
     if args.resume_from_checkpoint:
-        path = latest_checkpoint(project) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
+        path = (
+            latest_checkpoint(project)
+            if args.resume_from_checkpoint == "latest"
+            else Path(args.resume_from_checkpoint)
+        )
         if path is None:
-            logger.info("--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh", project)
+            logger.info(
+                "--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh", project
+            )
         elif not (path / "trainer_state.json").exists():
             raise SystemExit(f"error: {path} is not a complete checkpoint (no trainer_state.json).")
         else:
@@ -504,19 +601,41 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     if accelerator.is_main_process:
         project.mkdir(parents=True, exist_ok=True)
-        resolved = {k: v for k, v in vars(args).items() if k not in ("model_config", "two_view_augmentation", "hub_token")}
+        resolved = {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("model_config", "two_view_augmentation", "hub_token")
+        }
         (project / "training_args.json").write_text(json.dumps(resolved, indent=2, default=str))
     if args.report_to != "none":
-        accelerator.init_trackers("corinfomax", {k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))}
-                                  if accelerator.is_main_process else {})
+        accelerator.init_trackers(
+            "corinfomax",
+            {k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))}
+            if accelerator.is_main_process
+            else {},
+        )
 
-    logger.info("%d processes on %s, global batch %d, peak lr %.4g, %d steps (%d per epoch)",
-                accelerator.num_processes, accelerator.device, args.total_batch_size, peak_lr, total_steps, steps_per_epoch)
+    logger.info(
+        "%d processes on %s, global batch %d, peak lr %.4g, %d steps (%d per epoch)",
+        accelerator.num_processes,
+        accelerator.device,
+        args.total_batch_size,
+        peak_lr,
+        total_steps,
+        steps_per_epoch,
+    )
     spectrum_batch = None
     if eval_rows is not None:
-        spectrum_batch = next(iter(torch.utils.data.DataLoader(eval_rows["test"], batch_size=512,
-                                                               collate_fn=ExampleCollator(True))))["pixel_values"]
-    spectrum_start = projection_spectrum(unwrapped, spectrum_batch, args) if spectrum_batch is not None else None
+        spectrum_batch = next(
+            iter(
+                torch.utils.data.DataLoader(
+                    eval_rows["test"], batch_size=512, collate_fn=ExampleCollator(True)
+                )
+            )
+        )["pixel_values"]
+    spectrum_start = (
+        projection_spectrum(unwrapped, spectrum_batch, args) if spectrum_batch is not None else None
+    )
     if state["global_step"] and "spectrum_start" in state:
         spectrum_start = torch.tensor(state["spectrum_start"])
     elif spectrum_start is not None:
@@ -524,8 +643,13 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     stop = StopSignal()
     checkpoint_every = None if args.checkpointing_steps in (None, "epoch") else int(args.checkpointing_steps)
-    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
-                    desc="pretraining", dynamic_ncols=True)
+    progress = tqdm(
+        total=total_steps,
+        initial=state["global_step"],
+        disable=not accelerator.is_local_main_process,
+        desc="pretraining",
+        dynamic_ncols=True,
+    )
     generator = torch.Generator(device=aug_device)
     started, images_seen, window_start = time.time(), 0, time.time()
     stopped_by = None
@@ -537,15 +661,23 @@ def main(argv: list[str] | None = None) -> dict | None:
         rows.set_epoch(epoch)
         loader = train_loader
         if state["step_in_epoch"]:
-            loader = accelerator.skip_first_batches(train_loader, state["step_in_epoch"] * args.gradient_accumulation_steps)
+            loader = accelerator.skip_first_batches(
+                train_loader, state["step_in_epoch"] * args.gradient_accumulation_steps
+            )
         for batch in loader:
             if batch["bad_images"]:
                 state["bad_images"] += len(batch["bad_images"])
-                logger.warning("skipped %d unreadable image(s) (total %d), first: %s", len(batch["bad_images"]),
-                               state["bad_images"], batch["bad_images"][0])
+                logger.warning(
+                    "skipped %d unreadable image(s) (total %d), first: %s",
+                    len(batch["bad_images"]),
+                    state["bad_images"],
+                    batch["bad_images"][0],
+                )
             if "view1" not in batch:
                 continue
-            generator.manual_seed(hash((args.seed, state["global_step"], accelerator.process_index)) & 0x7FFFFFFF)
+            generator.manual_seed(
+                hash((args.seed, state["global_step"], accelerator.process_index)) & 0x7FFFFFFF
+            )
             with accelerator.accumulate(model):
                 v1 = augment[0](batch["view1"], generator, memory_format)
                 v2 = augment[1](batch["view2"], generator, memory_format)
@@ -554,14 +686,21 @@ def main(argv: list[str] | None = None) -> dict | None:
                 except CorInfoMaxNumericalError as error:
                     out, fault = None, str(error)
                 else:
-                    fault = None if torch.isfinite(out.loss) else (
-                        getattr(out, "error", None) or f"non-finite loss {out.loss.item()}")
+                    fault = (
+                        None
+                        if torch.isfinite(out.loss)
+                        else (getattr(out, "error", None) or f"non-finite loss {out.loss.item()}")
+                    )
                 if fault is not None:
                     optimizer.zero_grad(set_to_none=True)
                     if args.on_nan == "skip":
                         state["skipped_steps"] += 1
-                        logger.warning("step %d skipped (%s); %d skipped so far", state["global_step"] + 1, fault,
-                                       state["skipped_steps"])
+                        logger.warning(
+                            "step %d skipped (%s); %d skipped so far",
+                            state["global_step"] + 1,
+                            fault,
+                            state["skipped_steps"],
+                        )
                         continue
                     path = save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
                     raise SystemExit(
@@ -583,11 +722,16 @@ def main(argv: list[str] | None = None) -> dict | None:
             if step % args.logging_steps == 0 or step == total_steps:
                 now = time.time()
                 eigs = covariance_eigenvalues(unwrapped.loss_fn.R1)
-                record = {"step": step, "epoch": epoch + state["step_in_epoch"] / steps_per_epoch,
-                          "loss": out.loss.item(), "invariance_loss": out.invariance_loss.item(),
-                          "covariance_loss": out.covariance_loss.item(), "lr": scheduler.get_last_lr()[0],
-                          "images_per_second": images_seen / max(now - window_start, 1e-9),
-                          "effective_rank": effective_rank(eigs)}
+                record = {
+                    "step": step,
+                    "epoch": epoch + state["step_in_epoch"] / steps_per_epoch,
+                    "loss": out.loss.item(),
+                    "invariance_loss": out.invariance_loss.item(),
+                    "covariance_loss": out.covariance_loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_second": images_seen / max(now - window_start, 1e-9),
+                    "effective_rank": effective_rank(eigs),
+                }
                 images_seen, window_start = 0, now
                 if args.eval_steps and step % args.eval_steps == 0 and eval_rows is not None:
                     record["knn_top1"] = monitor_knn(unwrapped, eval_rows, args, accelerator, loader_kwargs)
@@ -612,13 +756,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     progress.close()
     if stopped_by is not None:
         path = save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
-        logger.info("received %s: saved %s; resume with --resume_from_checkpoint latest",
-                    signal.Signals(stopped_by).name, path)
+        logger.info(
+            "received %s: saved %s; resume with --resume_from_checkpoint latest",
+            signal.Signals(stopped_by).name,
+            path,
+        )
         accelerator.end_training()
         return None
 
-    results = finish(args, accelerator, unwrapped, eval_rows, state, spectrum_batch, spectrum_start, loader_kwargs,
-                     time.time() - started)
+    results = finish(
+        args,
+        accelerator,
+        unwrapped,
+        eval_rows,
+        state,
+        spectrum_batch,
+        spectrum_start,
+        loader_kwargs,
+        time.time() - started,
+    )
     accelerator.end_training()
     return results
 
@@ -657,15 +813,21 @@ class NormalizingLoader:
     def __iter__(self):
         fmt = torch.channels_last if self.args.channels_last else torch.contiguous_format
         for batch in self.loader:
-            yield {"pixel_values": normalize_batch(batch["pixel_values"], self.args.image_mean, self.args.image_std, fmt),
-                   "labels": batch["labels"]}
+            yield {
+                "pixel_values": normalize_batch(
+                    batch["pixel_values"], self.args.image_mean, self.args.image_std, fmt
+                ),
+                "labels": batch["labels"],
+            }
 
 
 def monitor_knn(model, eval_rows, args, accelerator, loader_kwargs) -> float:
     from modeling_corinfomax.evaluation import knn_accuracy  # noqa: PLC0415
 
     n = args.max_eval_samples or len(eval_rows["test"])
-    subset = {k: torch.utils.data.Subset(eval_rows[k], range(min(n, len(eval_rows[k])))) for k in ("train", "test")}
+    subset = {
+        k: torch.utils.data.Subset(eval_rows[k], range(min(n, len(eval_rows[k])))) for k in ("train", "test")
+    }
     xtr, ytr = eval_features(model.corinfomax, subset["train"], args, accelerator, loader_kwargs)
     xte, yte = eval_features(model.corinfomax, subset["test"], args, accelerator, loader_kwargs)
     num_classes = int(max(ytr.max(), yte.max())) + 1
@@ -681,13 +843,19 @@ def evaluate_encoder(features_fn, num_classes) -> dict:
     return {"knn_top1": knn["top1"], "linear_top1": linear["top1"]}
 
 
-def finish(args, accelerator, model, eval_rows, state, spectrum_batch, spectrum_start, loader_kwargs, seconds) -> dict:
+def finish(
+    args, accelerator, model, eval_rows, state, spectrum_batch, spectrum_start, loader_kwargs, seconds
+) -> dict:
     """Save the model, evaluate against the baselines, write eval_results.json and the figure, push."""
     project = Path(args.output_dir)
     accelerator.wait_for_everyone()
     model.save_pretrained(str(project), is_main_process=accelerator.is_main_process)
-    results: dict = {"train_runtime_seconds": round(seconds, 1), "global_step": state["global_step"],
-                     "skipped_steps": state["skipped_steps"], "bad_images": state["bad_images"]}
+    results: dict = {
+        "train_runtime_seconds": round(seconds, 1),
+        "global_step": state["global_step"],
+        "skipped_steps": state["skipped_steps"],
+        "bad_images": state["bad_images"],
+    }
     if eval_rows is not None and args.do_eval:
         names = eval_rows["names"]
         num_classes = len(names) if names else None
@@ -699,34 +867,57 @@ def finish(args, accelerator, model, eval_rows, state, spectrum_batch, spectrum_
         num_classes = num_classes or int(max(ours["train"][1].max(), ours["test"][1].max())) + 1
         results.update(evaluate_encoder(lambda split: ours[split], num_classes))
         if args.eval_baselines:
-            baseline_config = CorInfoMaxConfig(**{**args.model_config.to_dict(), "backbone_kwargs": {
-                **args.model_config.backbone_kwargs, **zero_init_last_off(args.model_config)}})
+            baseline_config = CorInfoMaxConfig(
+                **{
+                    **args.model_config.to_dict(),
+                    "backbone_kwargs": {
+                        **args.model_config.backbone_kwargs,
+                        **zero_init_last_off(args.model_config),
+                    },
+                }
+            )
             torch.manual_seed(args.seed)
             random_init = CorInfoMaxModel(baseline_config, add_projector=False).to(accelerator.device)
             if args.channels_last:
                 random_init = random_init.to(memory_format=torch.channels_last)
             for key, value in evaluate_encoder(features_of(random_init), num_classes).items():
                 results[f"{key}_random_init"] = value
-            for key, value in evaluate_encoder(lambda split: raw_pixels(eval_rows[split], args), num_classes).items():
+            for key, value in evaluate_encoder(
+                lambda split: raw_pixels(eval_rows[split], args), num_classes
+            ).items():
                 results[f"{key}_raw_pixels"] = value
-        results["dataset"] = {"name": args.dataset_name or args.train_dir or "bundled fashion-mnist subset",
-                              "config": args.dataset_config_name, "split": args.validation_split}
+        results["dataset"] = {
+            "name": args.dataset_name or args.train_dir or "bundled fashion-mnist subset",
+            "config": args.dataset_config_name,
+            "split": args.validation_split,
+        }
         results["protocols"] = {
-            "knn": {"k": 20, "temperature": 0.07, "similarity": "cosine", "features": "backbone, un-augmented"},
+            "knn": {
+                "k": 20,
+                "temperature": 0.07,
+                "similarity": "cosine",
+                "features": "backbone, un-augmented",
+            },
             "linear": {"method": "logistic regression on frozen precomputed backbone features"},
         }
     if accelerator.is_main_process:
         (project / "eval_results.json").write_text(json.dumps(results, indent=2))
         (project / "training_log.json").write_text(json.dumps(state["history"], indent=2))
-        spectrum_end = projection_spectrum(model, spectrum_batch, args) if spectrum_batch is not None else None
+        spectrum_end = (
+            projection_spectrum(model, spectrum_batch, args) if spectrum_batch is not None else None
+        )
         plot_training(project / "training.png", state["history"], spectrum_start, spectrum_end)
         summary = {k: v for k, v in results.items() if isinstance(v, (int, float))}
         print(json.dumps(summary, indent=2))
     if args.push_to_hub and accelerator.is_main_process:
         from modeling_corinfomax.export import publish  # noqa: PLC0415
 
-        publish(project, repo_id=args.hub_model_id, token=args.hub_token or os.environ.get("HF_TOKEN"),
-                private=args.hub_private_repo)
+        publish(
+            project,
+            repo_id=args.hub_model_id,
+            token=args.hub_token or os.environ.get("HF_TOKEN"),
+            private=args.hub_private_repo,
+        )
     return results
 
 
@@ -737,8 +928,14 @@ def zero_init_last_off(config: CorInfoMaxConfig) -> dict:
 
     import timm  # noqa: PLC0415
 
-    model_cls = type(timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs))
-    return {"zero_init_last": False} if "zero_init_last" in inspect.signature(model_cls.__init__).parameters else {}
+    model_cls = type(
+        timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    )
+    return (
+        {"zero_init_last": False}
+        if "zero_init_last" in inspect.signature(model_cls.__init__).parameters
+        else {}
+    )
 
 
 def raw_pixels(rows, args):
@@ -760,8 +957,11 @@ def plot_training(path: Path, history: list[dict], spectrum_start, spectrum_end)
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     steps = [h["step"] for h in history]
-    for ax, key, title in zip(axes[:3], ("loss", "invariance_loss", "covariance_loss"),
-                              ("CorInfoMax loss", "invariance term (MSE)", "covariance term (-logdet/D)")):
+    for ax, key, title in zip(
+        axes[:3],
+        ("loss", "invariance_loss", "covariance_loss"),
+        ("CorInfoMax loss", "invariance term (MSE)", "covariance term (-logdet/D)"),
+    ):
         ax.plot(steps, [h[key] for h in history])
         ax.set(title=title, xlabel="step")
     ax = axes[3]

@@ -19,7 +19,18 @@ from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -48,7 +59,9 @@ def to_dataset(images: np.ndarray, labels: np.ndarray) -> Dataset:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", type=Path, default=SOURCE)
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).parent / "fashion_mnist")
     parser.add_argument("--train_per_class", type=int, default=2400)
@@ -56,9 +69,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not (args.source / "train-images-idx3-ubyte.gz").exists():
-        raise SystemExit(f"{args.source} has no Fashion-MNIST files: run `apt-get install -y dataset-fashion-mnist`.")
+        raise SystemExit(
+            f"{args.source} has no Fashion-MNIST files: run `apt-get install -y dataset-fashion-mnist`."
+        )
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    for split, prefix, per_class in (("train", "train", args.train_per_class), ("test", "t10k", args.test_per_class)):
+    for split, prefix, per_class in (
+        ("train", "train", args.train_per_class),
+        ("test", "t10k", args.test_per_class),
+    ):
         images = read_idx(args.source / f"{prefix}-images-idx3-ubyte.gz")
         labels = read_idx(args.source / f"{prefix}-labels-idx1-ubyte.gz")
         keep = balanced_subset(labels, per_class, args.seed)

@@ -107,7 +107,9 @@ class CorInfoMaxConfig(PreTrainedConfig):
                     f"{name}={value} is outside [0, 1): it is a forgetting factor (the paper uses 0.01 or 0.1)."
                 )
         if not self.eps > 0:
-            raise ValueError(f"eps={self.eps} must be > 0 (the paper uses 1e-8): it keeps R + eps*I invertible.")
+            raise ValueError(
+                f"eps={self.eps} must be > 0 (the paper uses 1e-8): it keeps R + eps*I invertible."
+            )
         if not self.alpha >= 0:
             raise ValueError(f"alpha={self.alpha} must be >= 0 (the paper uses 250 to 2000).")
         if not self.R_init > 0:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile
+from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -64,7 +64,9 @@ def load_image_dataset(
     if train_dir:
         if not Path(train_dir).is_dir():
             raise DataError(f"--train_dir {train_dir!r} is not a folder of images.")
-        ds = datasets.load_dataset("imagefolder", data_dir=train_dir, streaming=streaming, cache_dir=cache_dir)
+        ds = datasets.load_dataset(
+            "imagefolder", data_dir=train_dir, streaming=streaming, cache_dir=cache_dir
+        )
     elif dataset_name:
         ds = datasets.load_dataset(
             dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir, revision=revision
@@ -78,11 +80,15 @@ def load_image_dataset(
             )
         ds = datasets.load_dataset("parquet", data_files=files, streaming=streaming, cache_dir=cache_dir)
     if split not in ds:
-        raise DataError(f"split {split!r} not found; available splits: {sorted(ds)}. Use --train_split/--validation_split.")
+        raise DataError(
+            f"split {split!r} not found; available splits: {sorted(ds)}. Use --train_split/--validation_split."
+        )
     return ds[split]
 
 
-def resolve_columns(dataset, image_column: str | None = None, label_column: str | None = None, need_label=False):
+def resolve_columns(
+    dataset, image_column: str | None = None, label_column: str | None = None, need_label=False
+):
     """Find the image column (and the label column, which is optional) of a dataset.
 
     Returns `(image_column, label_column_or_None)`; raises `DataError` naming the columns when ambiguous.
@@ -103,15 +109,21 @@ def resolve_columns(dataset, image_column: str | None = None, label_column: str 
             )
         image_column = options[0]
     elif image_column not in columns:
-        raise DataError(f"--image_column {image_column!r} is not a column of the dataset; its columns are {columns}.")
+        raise DataError(
+            f"--image_column {image_column!r} is not a column of the dataset; its columns are {columns}."
+        )
     if label_column is None:
         typed = [c for c, f in features.items() if isinstance(f, ClassLabel)]
         named = [c for c in LABEL_COLUMN_CANDIDATES if c in columns]
         label_column = (typed or named or [None])[0]
     elif label_column not in columns:
-        raise DataError(f"--label_column {label_column!r} is not a column of the dataset; its columns are {columns}.")
+        raise DataError(
+            f"--label_column {label_column!r} is not a column of the dataset; its columns are {columns}."
+        )
     if need_label and label_column is None:
-        raise DataError(f"this needs labels but no label column was found among {columns}: pass --label_column.")
+        raise DataError(
+            f"this needs labels but no label column was found among {columns}: pass --label_column."
+        )
     return image_column, label_column
 
 
@@ -203,8 +215,12 @@ class TwoViewAugmentation:
             known = {f for f in ViewAugmentation.__dataclass_fields__}
             unknown = set(d.get(key, {})) - known
             if unknown:
-                raise DataError(f"unknown augmentation keys {sorted(unknown)} in {key}; known: {sorted(known)}.")
-            views[key] = ViewAugmentation(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get(key, {}).items()})
+                raise DataError(
+                    f"unknown augmentation keys {sorted(unknown)} in {key}; known: {sorted(known)}."
+                )
+            views[key] = ViewAugmentation(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in d.get(key, {}).items()}
+            )
         return cls(**views)
 
 
@@ -244,9 +260,13 @@ def random_resized_crop_params(height: int, width: int, scale, ratio, generator:
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def crop_view(image: torch.Tensor, size: int, aug: ViewAugmentation, generator: torch.Generator) -> torch.Tensor:
+def crop_view(
+    image: torch.Tensor, size: int, aug: ViewAugmentation, generator: torch.Generator
+) -> torch.Tensor:
     """Random resized crop (bicubic, antialiased) and horizontal flip of a (3, H, W) uint8 image."""
-    top, left, h, w = random_resized_crop_params(image.shape[-2], image.shape[-1], aug.crop_scale, (3 / 4, 4 / 3), generator)
+    top, left, h, w = random_resized_crop_params(
+        image.shape[-2], image.shape[-1], aug.crop_scale, (3 / 4, 4 / 3), generator
+    )
     view = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
     if torch.rand(1, generator=generator).item() < aug.flip_p:
         view = TF.horizontal_flip(view)
@@ -267,8 +287,16 @@ class ImageRows(torch.utils.data.Dataset):
     reports or skips, so a bad file never surfaces as a bare worker traceback.
     """
 
-    def __init__(self, dataset, image_column: str, label_column: str | None, image_size: int, mode: str = "two_view",
-                 augmentation: TwoViewAugmentation | None = None, seed: int = 0):
+    def __init__(
+        self,
+        dataset,
+        image_column: str,
+        label_column: str | None,
+        image_size: int,
+        mode: str = "two_view",
+        augmentation: TwoViewAugmentation | None = None,
+        seed: int = 0,
+    ):
         from datasets import Image as ImageFeature  # noqa: PLC0415
 
         if mode not in ("two_view", "eval"):
@@ -287,8 +315,16 @@ class ImageRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.dataset[int(index)]
-        return make_example(row, index, self.image_column, self.label_column, self.image_size, self.mode,
-                            self.augmentation, _sample_seed(self.seed, self.epoch, index))
+        return make_example(
+            row,
+            index,
+            self.image_column,
+            self.label_column,
+            self.image_size,
+            self.mode,
+            self.augmentation,
+            _sample_seed(self.seed, self.epoch, index),
+        )
 
 
 def make_example(row, index, image_column, label_column, image_size, mode, augmentation, seed) -> dict:
@@ -300,7 +336,9 @@ def make_example(row, index, image_column, label_column, image_size, mode, augme
         if min(image.shape[-2:]) < 2:
             raise DataError(f"image of {image.shape[-1]}x{image.shape[-2]} pixels is too small to crop")
     except Exception as error:  # noqa: BLE001  (reported by the collate function with the row's name)
-        return {"error": f"row {index}{' (' + str(name) + ')' if name else ''}: {type(error).__name__}: {error}"}
+        return {
+            "error": f"row {index}{' (' + str(name) + ')' if name else ''}: {type(error).__name__}: {error}"
+        }
     label = row.get(label_column, -1) if label_column else -1
     example = {"index": index, "labels": -1 if label is None else int(label)}
     if mode == "eval":
@@ -315,8 +353,17 @@ def make_example(row, index, image_column, label_column, image_size, mode, augme
 class StreamingImageRows(torch.utils.data.IterableDataset):
     """Iterable counterpart of `ImageRows` for `streaming=True` datasets (already split per process)."""
 
-    def __init__(self, dataset, image_column, label_column, image_size, mode="two_view", augmentation=None, seed=0,
-                 shuffle_buffer: int = 10_000):
+    def __init__(
+        self,
+        dataset,
+        image_column,
+        label_column,
+        image_size,
+        mode="two_view",
+        augmentation=None,
+        seed=0,
+        shuffle_buffer: int = 10_000,
+    ):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.image_size, self.mode, self.seed, self.epoch = image_size, mode, seed, 0
         self.augmentation = augmentation or TwoViewAugmentation()
@@ -334,8 +381,16 @@ class StreamingImageRows(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for position, row in enumerate(dataset):
             if position % workers == worker:
-                yield make_example(row, position, self.image_column, self.label_column, self.image_size, self.mode,
-                                   self.augmentation, _sample_seed(self.seed, self.epoch, position))
+                yield make_example(
+                    row,
+                    position,
+                    self.image_column,
+                    self.label_column,
+                    self.image_size,
+                    self.mode,
+                    self.augmentation,
+                    _sample_seed(self.seed, self.epoch, position),
+                )
 
 
 class ExampleCollator:
@@ -394,9 +449,13 @@ def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     minc, _ = x.min(1)
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(
+        maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4)
+    )
     h = torch.where(delta > 0, h / 6, torch.zeros_like(h)) % 1.0
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    s = torch.where(
+        maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc)
+    )
     return torch.stack([h, s, maxc], 1)
 
 
@@ -417,16 +476,21 @@ class BatchViewAugment(nn.Module):
     def __init__(self, aug: ViewAugmentation, mean, std):
         super().__init__()
         self.aug = aug
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator,
-                memory_format=torch.contiguous_format) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator, memory_format=torch.contiguous_format
+    ) -> torch.Tensor:
         aug, b = self.aug, images.shape[0]
         x = images.to(self.mean.device, non_blocking=True).float().div_(255.0)
 
         def uniform(low, high):
-            return torch.rand(b, generator=generator, device=generator.device).to(x.device) * (high - low) + low
+            return (
+                torch.rand(b, generator=generator, device=generator.device).to(x.device) * (high - low) + low
+            )
 
         def coin(p):
             return uniform(0.0, 1.0) < p

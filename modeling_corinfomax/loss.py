@@ -102,7 +102,9 @@ def cholesky_logdet(A: torch.Tensor, what: str = "matrix") -> tuple[torch.Tensor
     L, info = torch.linalg.cholesky_ex(A.detach())
     if info.item() != 0:
         smallest = torch.linalg.eigvalsh(A.detach()).min().item() if torch.isfinite(A).all() else float("nan")
-        return A.new_tensor(float("nan")), f"{what} is not positive definite (smallest eigenvalue {smallest:.3e})"
+        return A.new_tensor(
+            float("nan")
+        ), f"{what} is not positive definite (smallest eigenvalue {smallest:.3e})"
     return _CholeskyLogDet.apply(A, L), None
 
 
@@ -175,7 +177,12 @@ class CorInfoMaxLoss(nn.Module):
             raise ValueError(f"eps={eps} must be > 0 (the paper uses 1e-8).")
         if on_error not in ("raise", "report"):
             raise ValueError(f"on_error={on_error!r}: use 'raise' or 'report'.")
-        self.dim, self.alpha, self.lambda_R, self.lambda_mu = dim, float(alpha), float(lambda_R), float(lambda_mu)
+        self.dim, self.alpha, self.lambda_R, self.lambda_mu = (
+            dim,
+            float(alpha),
+            float(lambda_R),
+            float(lambda_mu),
+        )
         self.R_init, self.eps, self.normalize = float(R_init), float(eps), normalize
         self.gather_distributed, self.on_error = gather_distributed, on_error
         eye = torch.eye(dim, dtype=torch.float64)
@@ -213,7 +220,9 @@ class CorInfoMaxLoss(nn.Module):
         if self.gather_distributed:
             z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
         if z1.shape[0] < 2:
-            raise ValueError(f"the (global) batch has {z1.shape[0]} sample(s); a covariance needs at least 2.")
+            raise ValueError(
+                f"the (global) batch has {z1.shape[0]} sample(s); a covariance needs at least 2."
+            )
         with torch.autocast(device_type=z1.device.type, enabled=False):
             z1, z2 = z1.to(torch.float64), z2.to(torch.float64)
             if self.normalize:
@@ -222,7 +231,9 @@ class CorInfoMaxLoss(nn.Module):
             R1, mu1 = self._update(z1, self.R1, self.mu1)
             R2, mu2 = self._update(z2, self.R2, self.mu2)
             eye = self.eps * torch.eye(self.dim, dtype=torch.float64, device=z1.device)
-            error = None if torch.isfinite(z1).all() and torch.isfinite(z2).all() else "non-finite projections"
+            error = (
+                None if torch.isfinite(z1).all() and torch.isfinite(z2).all() else "non-finite projections"
+            )
             logdets = []
             for view, R in (("R1 (view 1)", R1), ("R2 (view 2)", R2)):
                 if error is None:
@@ -241,7 +252,9 @@ class CorInfoMaxLoss(nn.Module):
                 self.num_updates += 1
         return CorInfoMaxLossOutput(loss=loss, invariance_loss=invariance, covariance_loss=covariance)
 
-    def _update(self, z: torch.Tensor, R: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _update(
+        self, z: torch.Tensor, R: torch.Tensor, mu: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         mu_new = self.lambda_mu * mu + (1.0 - self.lambda_mu) * z.mean(dim=0)
         zc = z - mu_new
         C = zc.T @ zc / z.shape[0]
@@ -256,7 +269,9 @@ class CorInfoMaxLoss(nn.Module):
         if self.on_error == "raise":
             raise CorInfoMaxNumericalError(message)
         nan = invariance.new_tensor(float("nan"))
-        return CorInfoMaxLossOutput(loss=nan, invariance_loss=invariance.detach(), covariance_loss=nan, error=message)
+        return CorInfoMaxLossOutput(
+            loss=nan, invariance_loss=invariance.detach(), covariance_loss=nan, error=message
+        )
 
     def extra_repr(self) -> str:
         return (

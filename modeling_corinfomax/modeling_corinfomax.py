@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import timm
 import torch
+from timm.models import build_model_with_cfg
 from torch import nn
 from transformers import BitImageProcessor, PreTrainedModel
 from transformers import initialization as init
@@ -67,6 +68,10 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     model.maxpool = nn.Identity()
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
         model.pretrained_cfg = {**model.pretrained_cfg, "first_conv": "conv1"}
+    if isinstance(getattr(model, "_traits", None), dict):
+        # timm reads the input conv from its traits (pretrained loading, `save_for_hf`); a deep stem
+        # (`conv1.0`, e.g. resnet10t) no longer exists.
+        model._traits = {**model._traits, "first_conv": "conv1"}
     return model
 
 
@@ -76,15 +81,26 @@ def register_cifar_stem_architecture(architecture: str) -> str:
     name = architecture + CIFAR_STEM_SUFFIX
     if timm.is_model(name):
         return name
+    base_cfg = timm.models.get_pretrained_cfg(architecture)
+    # Architecture metadata only, no weight source: `pretrained=True` needs one from the caller
+    # (`local-dir:`, `hf-hub:`, or `pretrained_cfg_overlay=dict(file=...)`).
+    default_cfg = {
+        "architecture": name,
+        "input_size": (3, 32, 32),
+        "interpolation": "bicubic",
+        "first_conv": "conv1",
+        "classifier": base_cfg.classifier if base_cfg is not None else "fc",
+    }
+
+    def _create(**kwargs) -> nn.Module:
+        return apply_cifar_stem(timm.create_model(architecture, pretrained=False, **kwargs))
 
     def _entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        # timm loads `pretrained` weights after creation; the stem must exist before that.
-        model = apply_cifar_stem(timm.create_model(architecture, pretrained=False, **kwargs))
-        if pretrained:
-            from timm.models import load_checkpoint  # noqa: PLC0415
-
-            load_checkpoint(model, kwargs["pretrained_cfg_overlay"]["file"])
-        return model
+        # timm's builder creates the model, stem included, and only then loads `pretrained` weights
+        # from whatever source the pretrained_cfg names, as for any timm model.
+        if not kwargs.get("pretrained_cfg"):
+            kwargs["pretrained_cfg"] = dict(default_cfg)
+        return build_model_with_cfg(_create, name, pretrained, **kwargs)
 
     _entrypoint.__name__ = name
     _entrypoint.__qualname__ = name
@@ -211,7 +227,9 @@ class CorInfoMaxModel(CorInfoMaxPreTrainedModel):
         self.num_features = self.backbone.num_features
         self.projector = None
         if add_projector:
-            self.projector = build_projector(self.num_features, config.projector_dims, config.projector_batchnorm)
+            self.projector = build_projector(
+                self.num_features, config.projector_dims, config.projector_batchnorm
+            )
             self.projector._corinfomax_head = True
         self.post_init()
 

@@ -27,9 +27,22 @@ SMALL = [
 
 
 def run_train(args: list[str], env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], env=env, capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=600, **kwargs)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "2",
+        **(env_extra or {}),
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+        **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- flags
@@ -69,7 +82,13 @@ def test_unknown_preset_is_refused(capsys):
 def test_presets_set_the_original_hyperparameters_and_flags_override():
     args = train.parse_args(["--preset", "cifar10"])
     assert (args.backbone, args.cifar_stem, args.projector_dims) == ("resnet18", True, [2048, 2048, 64])
-    assert (args.alpha, args.lambda_R, args.lambda_mu, args.eps, args.learning_rate) == (250.0, 0.01, 0.01, 1e-8, 0.5)
+    assert (args.alpha, args.lambda_R, args.lambda_mu, args.eps, args.learning_rate) == (
+        250.0,
+        0.01,
+        0.01,
+        1e-8,
+        0.5,
+    )
     assert (args.total_batch_size, args.num_train_epochs, args.warmup_epochs) == (512, 1000, 10)
     args = train.parse_args(["--preset", "imagenet1k-r50", "--alpha", "1000"])
     assert args.projector_batchnorm and args.projector_dims == [8192, 8192, 512] and args.lambda_R == 0.1
@@ -80,7 +99,14 @@ def test_every_config_field_is_a_flag():
     from modeling_corinfomax import CorInfoMaxConfig
 
     fields = set(CorInfoMaxConfig().to_diff_dict()) | set(train.CONFIG_FIELDS)
-    fields -= {"model_type", "transformers_version", "initializer_range", "auto_map", "architectures", "dtype"}
+    fields -= {
+        "model_type",
+        "transformers_version",
+        "initializer_range",
+        "auto_map",
+        "architectures",
+        "dtype",
+    }
     args = train.parse_args([])
     assert fields <= set(vars(args)), fields - set(vars(args))
 
@@ -111,11 +137,30 @@ def test_lr_schedule_warms_up_then_follows_a_cosine():
 
 def test_small_run_writes_a_loadable_model_and_all_outputs(tmp_path):
     out = tmp_path / "run"
-    result = run_train([*SMALL, "--output_dir", str(out), "--max_train_steps", "3", "--do_eval",
-                        "--no-eval_baselines", "--max_eval_train_samples", "200"])
+    result = run_train(
+        [
+            *SMALL,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "3",
+            "--do_eval",
+            "--no-eval_baselines",
+            "--max_eval_train_samples",
+            "200",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_corinfomax.py",
-                 "training_args.json", "training_log.json", "training.png", "eval_results.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "modeling_corinfomax.py",
+        "training_args.json",
+        "training_log.json",
+        "training.png",
+        "eval_results.json",
+    ):
         assert (out / name).exists(), name
     results = json.loads((out / "eval_results.json").read_text())
     assert 10.0 <= results["knn_top1"] <= 100.0 and 10.0 <= results["linear_top1"] <= 100.0
@@ -145,11 +190,19 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     # SIGTERM after the first checkpoint: the run saves the current step and exits cleanly.
     resumed = tmp_path / "resumed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *common, "--output_dir", str(resumed)],
-                            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), *common, "--output_dir", str(resumed)],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (resumed / "checkpoints" / "step_2" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stdout.read() if proc.poll() is not None else ""
+        )
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
@@ -181,11 +234,29 @@ def test_partial_checkpoint_is_never_picked(tmp_path):
 
 def test_two_processes_see_different_data_share_the_global_loss_and_stay_identical(tmp_path):
     worker = REPO_ROOT / "tests" / "train_distributed_worker.py"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-         str(tmp_path)], env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())

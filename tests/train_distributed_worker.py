@@ -18,8 +18,21 @@ import train  # noqa: E402
 from modeling_corinfomax import CorInfoMaxForPreTraining, CorInfoMaxLoss  # noqa: E402
 from modeling_corinfomax.data import BatchViewAugment  # noqa: E402
 
-SMALL = ["--max_train_samples", "256", "--per_device_train_batch_size", "16", "--projector_dims", "64", "64", "16",
-         "--logging_steps", "1", "--dataloader_num_workers", "0", "--no-do_eval"]
+SMALL = [
+    "--max_train_samples",
+    "256",
+    "--per_device_train_batch_size",
+    "16",
+    "--projector_dims",
+    "64",
+    "64",
+    "16",
+    "--logging_steps",
+    "1",
+    "--dataloader_num_workers",
+    "0",
+    "--no-do_eval",
+]
 
 
 def main() -> None:
@@ -33,16 +46,26 @@ def main() -> None:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     batch = next(iter(loader))
     indices = accelerator.gather(batch["index"]).tolist()
-    augment = [BatchViewAugment(v, args.image_mean, args.image_std)
-               for v in (args.two_view_augmentation.view1, args.two_view_augmentation.view2)]
+    augment = [
+        BatchViewAugment(v, args.image_mean, args.image_std)
+        for v in (args.two_view_augmentation.view1, args.two_view_augmentation.view2)
+    ]
     generator = torch.Generator().manual_seed(accelerator.process_index)
     v1, v2 = augment[0](batch["view1"], generator), augment[1](batch["view2"], generator)
     out = model(pixel_values=v1, pixel_values_2=v2)
     # The same loss computed by one process on the concatenated projections of both ranks.
     z1, z2 = accelerator.gather(out.projections.detach()), accelerator.gather(out.projections_2.detach())
     cfg = args.model_config
-    reference = CorInfoMaxLoss(cfg.embedding_dim, cfg.alpha, cfg.lambda_R, cfg.lambda_mu, cfg.R_init, cfg.eps,
-                               cfg.normalize, gather_distributed=False)(z1.double(), z2.double()).loss
+    reference = CorInfoMaxLoss(
+        cfg.embedding_dim,
+        cfg.alpha,
+        cfg.lambda_R,
+        cfg.lambda_mu,
+        cfg.R_init,
+        cfg.eps,
+        cfg.normalize,
+        gather_distributed=False,
+    )(z1.double(), z2.double()).loss
     losses = accelerator.gather(out.loss.detach().reshape(1))
     accelerator.backward(out.loss)
     optimizer.step()
