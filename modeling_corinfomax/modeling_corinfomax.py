@@ -105,6 +105,9 @@ def register_cifar_stem_architecture(architecture: str) -> str:
     _entrypoint.__name__ = name
     _entrypoint.__qualname__ = name
     timm.models.register_model(_entrypoint)
+    # register_model also lists the name in this module's __all__, which would break `import *`.
+    if name in __all__:
+        __all__.remove(name)
     return name
 
 
@@ -221,6 +224,9 @@ class CorInfoMaxModel(CorInfoMaxPreTrainedModel):
     `projections` is the projector output the loss sees.
     """
 
+    # A pretraining checkpoint also holds the loss's running state: expected, not worth a warning.
+    _keys_to_ignore_on_load_unexpected = [r"loss_fn\."]
+
     def __init__(self, config: CorInfoMaxConfig, add_projector: bool = True):
         super().__init__(config)
         self.backbone = create_backbone(config)
@@ -302,6 +308,8 @@ class CorInfoMaxForImageClassification(CorInfoMaxPreTrainedModel):
     Loads from any CorInfoMax checkpoint (pretraining or base model); only `classifier` is new.
     """
 
+    _keys_to_ignore_on_load_unexpected = [r"loss_fn\.", r"projector\."]
+
     def __init__(self, config: CorInfoMaxConfig, freeze_backbone: bool = False):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -312,6 +320,16 @@ class CorInfoMaxForImageClassification(CorInfoMaxPreTrainedModel):
         self.post_init()
         if freeze_backbone:
             self.set_freeze_backbone(True)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; `freeze_backbone=True` may be passed and is kept."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # tuple with output_loading_info=True
+        if model.freeze_backbone:
+            # transformers 5 swaps in new `requires_grad=True` parameters while loading, after __init__.
+            model.set_freeze_backbone(True)
+        return loaded
 
     def set_freeze_backbone(self, freeze: bool = True) -> None:
         """Freeze the backbone (no gradients, BatchNorm kept in eval mode) for linear probing."""

@@ -76,7 +76,7 @@ PRESETS: dict[str, dict] = {
         "dataset_name": "zh-plus/tiny-imagenet",
         "validation_split": "valid",
         "backbone": "resnet50",
-        "cifar_stem": True,
+        "cifar_stem": False,  # the official Tiny run keeps the 7x7 stem and max-pool at 64 px
         "projector_dims": [4096, 4096, 128],
         "projector_batchnorm": False,
         "alpha": 500.0,
