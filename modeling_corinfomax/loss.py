@@ -76,21 +76,26 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 class _CholeskyLogDet(torch.autograd.Function):
-    """log det(A) of a symmetric positive-definite matrix through Cholesky; d/dA = A^{-1}.
+    """log det(A) of a symmetric positive-definite matrix through its Cholesky factor L; d/dA = A^{-1}.
 
-    The forward factorisation is reused by the backward (`cholesky_inverse`), so the gradient costs
-    one triangular inversion instead of a second factorisation.
+    The forward factorisation is reused by the backward (`cholesky_solve` against the identity), so the
+    gradient costs two triangular solves instead of a second factorisation. Under `create_graph=True`
+    the inverse is built from differentiable operations, so higher-order gradients are exact too.
     """
 
     @staticmethod
     def forward(ctx, A: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(L)
+        ctx.save_for_backward(A, L)
         return 2.0 * torch.log(torch.diagonal(L)).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (L,) = ctx.saved_tensors
-        return grad * torch.cholesky_inverse(L), None
+        A, L = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: differentiate through the inverse as well
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(A))
+        else:
+            inverse = torch.cholesky_solve(torch.eye(A.shape[-1], dtype=A.dtype, device=A.device), L)
+        return grad * inverse, None
 
 
 def cholesky_logdet(A: torch.Tensor, what: str = "matrix") -> tuple[torch.Tensor, str | None]:
@@ -101,11 +106,13 @@ def cholesky_logdet(A: torch.Tensor, what: str = "matrix") -> tuple[torch.Tensor
     """
     L, info = torch.linalg.cholesky_ex(A.detach())
     if info.item() != 0:
-        smallest = torch.linalg.eigvalsh(A.detach()).min().item() if torch.isfinite(A).all() else float("nan")
-        return A.new_tensor(
-            float("nan")
-        ), f"{what} is not positive definite (smallest eigenvalue {smallest:.3e})"
+        return A.new_tensor(float("nan")), _not_positive_definite(A, what)
     return _CholeskyLogDet.apply(A, L), None
+
+
+def _not_positive_definite(A: torch.Tensor, what: str) -> str:
+    smallest = torch.linalg.eigvalsh(A.detach()).min().item() if torch.isfinite(A).all() else float("nan")
+    return f"{what} is not positive definite (smallest eigenvalue {smallest:.3e})"
 
 
 class CorInfoMaxLoss(nn.Module):
@@ -175,6 +182,8 @@ class CorInfoMaxLoss(nn.Module):
             raise ValueError(f"lambda_R={lambda_R} and lambda_mu={lambda_mu} must lie in [0, 1).")
         if not eps > 0:
             raise ValueError(f"eps={eps} must be > 0 (the paper uses 1e-8).")
+        if not R_init > 0:
+            raise ValueError(f"R_init={R_init} must be > 0 (the paper uses 1.0): R starts at R_init * I.")
         if on_error not in ("raise", "report"):
             raise ValueError(f"on_error={on_error!r}: use 'raise' or 'report'.")
         self.dim, self.alpha, self.lambda_R, self.lambda_mu = (
@@ -231,16 +240,17 @@ class CorInfoMaxLoss(nn.Module):
             R1, mu1 = self._update(z1, self.R1, self.mu1)
             R2, mu2 = self._update(z2, self.R2, self.mu2)
             eye = self.eps * torch.eye(self.dim, dtype=torch.float64, device=z1.device)
-            error = (
-                None if torch.isfinite(z1).all() and torch.isfinite(z2).all() else "non-finite projections"
-            )
-            logdets = []
-            for view, R in (("R1 (view 1)", R1), ("R2 (view 2)", R2)):
-                if error is None:
-                    logdet, error = cholesky_logdet(R + eye, f"the running covariance {view} + eps*I")
-                    logdets.append(logdet)
-            if error is not None:
+            matrices = {"R1 (view 1)": R1 + eye, "R2 (view 2)": R2 + eye}
+            factors = {view: torch.linalg.cholesky_ex(A.detach()) for view, A in matrices.items()}
+            # Every check in one host sync: each `.item()` or `if tensor` stalls a GPU's queue.
+            finite = torch.isfinite(z1).all() & torch.isfinite(z2).all()
+            if not (finite & (factors["R1 (view 1)"].info == 0) & (factors["R2 (view 2)"].info == 0)).item():
+                if not finite:
+                    return self._fail("non-finite projections", invariance)
+                view = next(v for v, f in factors.items() if f.info != 0)
+                error = _not_positive_definite(matrices[view], f"the running covariance {view} + eps*I")
                 return self._fail(error, invariance)
+            logdets = [_CholeskyLogDet.apply(A, factors[view].L) for view, A in matrices.items()]
             covariance = -(logdets[0] + logdets[1]) / self.dim
             loss = self.alpha * invariance + covariance
         if self.training:
