@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train.py
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no train.py --resume_from_checkpoint latest
 
 lint: venv
 	$(VENV)/bin/ruff check .

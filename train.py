@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
@@ -48,7 +48,9 @@ from modeling_corinfomax.data import (
     ImageRows,
     StreamingImageRows,
     TwoViewAugmentation,
-    label_names,
+    class_indices,
+    class_names,
+    data_error_message,
     load_image_dataset,
     normalize_batch,
     resolve_columns,
@@ -74,14 +76,14 @@ DEFAULTS: dict = {
     "skip_bad_images": False,
     "augmentation": {
         "view1": {
-            "crop_scale": [0.25, 1.0],
+            "crop_scale": [0.4, 1.0],
             "hue": 0.0,
             "saturation": 0.0,
             "blur_p": 0.5,
             "blur_sigma": [0.1, 1.0],
         },
         "view2": {
-            "crop_scale": [0.25, 1.0],
+            "crop_scale": [0.4, 1.0],
             "hue": 0.0,
             "saturation": 0.0,
             "blur_p": 0.1,
@@ -101,7 +103,7 @@ DEFAULTS: dict = {
     "lambda_mu": 0.01,
     "R_init": 1.0,
     "eps": 1e-8,
-    "image_size": 32,
+    "image_size": 28,
     "image_mean": [0.2860, 0.2860, 0.2860],
     "image_std": [0.3530, 0.3530, 0.3530],
     # optimisation
@@ -114,7 +116,7 @@ DEFAULTS: dict = {
     "per_device_train_batch_size": None,
     "total_batch_size": 256,
     "gradient_accumulation_steps": 1,
-    "num_train_epochs": 3,
+    "num_train_epochs": 8,
     "max_train_steps": None,
     "time_budget_minutes": None,
     "warmup_epochs": 1.0,
@@ -144,6 +146,11 @@ DEFAULTS: dict = {
     "hub_token": None,
     "hub_private_repo": False,
 }
+
+MAX_CONSECUTIVE_SKIPS = 10  # with --on_nan skip: more faults in a row mean the run has diverged
+MODEL_STAGING = ".tmp-model"  # save_pretrained writes here, then the files are renamed into --output_dir
+
+TRACKER_AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
 
 CONFIG_FIELDS = (
     "backbone", "backbone_kwargs", "cifar_stem", "projector_dims", "projector_batchnorm", "normalize", "alpha",
@@ -242,9 +249,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if preset:
         values.update(PRESETS[preset])
     if given.get("config"):
-        values.update(read_config_file(given["config"]))
+        from_file = read_config_file(given["config"])
+
+        # The file's values go through the same parser as flags, so types and choices are checked alike.
+        def config_error(message: str):
+            raise SystemExit(f"error: --config {given['config']}: {message}")
+
+        p.error = config_error
+        values.update({**from_file, **vars(p.parse_args(config_as_flags(from_file)))})
     values.update({k: v for k, v in given.items() if k not in ("preset", "config")})
     values["preset"] = preset
+    if values["mixed_precision"] is None and not (preset or values["dataset_name"] or values["train_dir"]):
+        # The bundled demo is sized for bf16 autocast (1.5x faster than fp32 on CPUs with AMX/AVX-512;
+        # the loss stays float64); elsewhere the launcher's setting (`accelerate launch --mixed_precision`) holds.
+        values["mixed_precision"] = "bf16"
     args = argparse.Namespace(**values)
     validate_args(args)
     return args
@@ -256,7 +274,12 @@ def read_config_file(path: str) -> dict:
         text = Path(path).read_text()
     except OSError as error:
         raise SystemExit(f"error: cannot read --config {path}: {error}") from None
-    data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+    try:
+        data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+    except (yaml.YAMLError, ValueError) as error:
+        raise SystemExit(
+            f"error: --config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}"
+        ) from None
     if not isinstance(data, dict):
         raise SystemExit(f"error: --config {path} must hold a mapping of flag names to values.")
     unknown = sorted(set(data) - set(DEFAULTS))
@@ -267,15 +290,34 @@ def read_config_file(path: str) -> dict:
     return data
 
 
+def config_as_flags(data: dict) -> list[str]:
+    """The command line equivalent of a config file's values (None and `augmentation` are not flags)."""
+    argv = []
+    for key, value in data.items():
+        if key == "augmentation" or value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(f"--{key}" if value else f"--no-{key}")
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv.append(f"--{key}={json.dumps(value) if isinstance(value, dict) else value}")
+    return argv
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse bad values and combinations before any data is loaded."""
 
     def fail(message: str):
         raise SystemExit(f"error: {message}")
 
+    if not isinstance(args.backbone_kwargs, dict):
+        fail(
+            f"--backbone_kwargs must be a JSON object such as '{{\"img_size\": 32}}', got {args.backbone_kwargs!r}."
+        )
     try:
         args.model_config = CorInfoMaxConfig(**{k: getattr(args, k) for k in CONFIG_FIELDS})
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         fail(str(error))
     for name in (
         "per_device_train_batch_size",
@@ -287,6 +329,8 @@ def validate_args(args: argparse.Namespace) -> None:
         "max_train_samples",
         "save_total_limit",
         "lr_reference_batch_size",
+        "max_eval_samples",
+        "max_eval_train_samples",
     ):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -295,6 +339,12 @@ def validate_args(args: argparse.Namespace) -> None:
         fail(f"--num_train_epochs must be > 0, got {args.num_train_epochs}.")
     if args.learning_rate <= 0 or args.min_lr < 0 or args.warmup_epochs < 0 or args.weight_decay < 0:
         fail("--learning_rate must be > 0 and --min_lr, --warmup_epochs, --weight_decay >= 0.")
+    if args.momentum < 0 or args.warmup_start_lr < 0 or args.seed < 0:
+        fail("--momentum, --warmup_start_lr and --seed must be >= 0.")
+    if args.time_budget_minutes is not None and args.time_budget_minutes <= 0:
+        fail(f"--time_budget_minutes must be > 0, got {args.time_budget_minutes}.")
+    if min(args.per_device_train_batch_size or 2, args.total_batch_size) < 2:
+        fail("a batch needs at least 2 images (the loss estimates a covariance): raise --total_batch_size.")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
@@ -302,8 +352,16 @@ def validate_args(args: argparse.Namespace) -> None:
             fail(
                 f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}."
             )
-    if args.push_to_hub and not args.hub_model_id:
-        fail("--push_to_hub needs --hub_model_id org/name (the repository to create or update).")
+    if args.push_to_hub:
+        check_push_is_possible(args, fail)
+    if args.report_to in TRACKER_AVAILABLE and not TRACKER_AVAILABLE[args.report_to]():
+        fail(f"--report_to {args.report_to} needs `pip install {args.report_to}`; or pass --report_to none.")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        if not (Path(args.resume_from_checkpoint) / "trainer_state.json").is_file():
+            fail(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a complete checkpoint (no "
+                "trainer_state.json): pass a <output_dir>/checkpoints/step_N folder, or 'latest'."
+            )
     if args.dataset_name and args.train_dir:
         fail("pass either --dataset_name or --train_dir, not both.")
     if args.streaming and args.max_train_steps is None:
@@ -315,6 +373,27 @@ def validate_args(args: argparse.Namespace) -> None:
     check_backbone_accepts_image_size(args.model_config, fail)
 
 
+def check_push_is_possible(args: argparse.Namespace, fail) -> None:
+    """Fail now, not after training, when the push at the end cannot work (no repo id, offline, no token)."""
+    from huggingface_hub import constants, get_token  # noqa: PLC0415
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # noqa: PLC0415
+
+    if not args.hub_model_id:
+        fail("--push_to_hub needs --hub_model_id org/name (the repository to create or update).")
+    try:
+        validate_repo_id(args.hub_model_id)
+    except HFValidationError as error:
+        fail(f"--hub_model_id {args.hub_model_id!r} is not a repository id ({error}); use org/name.")
+    if constants.HF_HUB_OFFLINE:
+        fail(
+            "--push_to_hub needs the network but HF_HUB_OFFLINE is set: unset it, or push later with hub/push.py."
+        )
+    if not (args.hub_token or get_token()):
+        fail(
+            "--push_to_hub needs a Hub token with write access: set HF_TOKEN, run `hf auth login`, or pass --hub_token."
+        )
+
+
 def check_backbone_accepts_image_size(config: CorInfoMaxConfig, fail) -> None:
     """Build the backbone once and run two images through it, so a size it cannot take fails now."""
     try:
@@ -323,6 +402,10 @@ def check_backbone_accepts_image_size(config: CorInfoMaxConfig, fail) -> None:
             model(torch.zeros(2, 3, config.image_size, config.image_size))
     except ValueError as error:
         fail(str(error))
+    except TypeError as error:
+        fail(
+            f"--backbone_kwargs {json.dumps(config.backbone_kwargs)} are not accepted by {config.backbone!r}: {error}."
+        )
     except (RuntimeError, AssertionError) as error:
         fail(
             f"backbone {config.backbone!r} cannot take {config.image_size}x{config.image_size} images ({error}). "
@@ -356,7 +439,8 @@ def build_dataloaders(args, accelerator):
     workers = args.dataloader_num_workers
     if workers is None:  # leave the cores to the model on small machines
         workers = max(1, min(8, (os.cpu_count() or 2) // max(1, accelerator.num_processes) - 1))
-    common = {"image_column": image_column, "label_column": label_column, "image_size": args.image_size}
+    # Training never reads labels (they may be strings, or missing); the evaluation rows get checked ones.
+    common = {"image_column": image_column, "label_column": None, "image_size": args.image_size}
     loader_kwargs = {
         "num_workers": workers,
         "pin_memory": accelerator.device.type == "cuda",
@@ -365,6 +449,7 @@ def build_dataloaders(args, accelerator):
     }
     if workers:
         loader_kwargs["prefetch_factor"] = 4
+        loader_kwargs["worker_init_fn"] = StopSignal.ignore_in_worker
     if args.streaming:
         from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
 
@@ -401,19 +486,36 @@ def build_dataloaders(args, accelerator):
                 False,
                 args.cache_dir,
             )
+            resolve_columns(held_out, image_column, label_column)
             bank = train
             if args.max_eval_train_samples:
                 bank = bank.select(range(min(args.max_eval_train_samples, len(bank))))
+            names = class_names(bank, label_column)
             eval_rows = {
-                "train": ImageRows(bank, mode="eval", **common),
-                "test": ImageRows(held_out, mode="eval", **common),
-                "names": label_names(train, label_column),
+                "train": labelled_rows(bank, args.train_split, label_column, names, common),
+                "test": labelled_rows(held_out, args.validation_split, label_column, names, common),
+                "names": names,
             }
+            labels = eval_rows["train"].labels + eval_rows["test"].labels
+            eval_rows["num_classes"] = len(names) if names else max(labels) + 1
         except DataError as error:
             logger.warning(
                 "no labelled evaluation split (%s); kNN monitoring and the final evaluation are off", error
             )
     return rows, sampler, train_loader, eval_rows, loader_kwargs
+
+
+def labelled_rows(dataset, split: str, label_column: str, names: list[str] | None, common: dict) -> ImageRows:
+    """Evaluation rows of one split with checked class indices; images without a label are left out."""
+    labels = class_indices(dataset, label_column, names, split)
+    keep = [i for i, label in enumerate(labels) if label >= 0]
+    if not keep:
+        raise DataError(f"the {split!r} split has no labelled image: pass a labelled --validation_split.")
+    if len(keep) < len(labels):
+        logger.warning("%d images of the %r split have no label; the evaluation leaves them out",
+                       len(labels) - len(keep), split)  # fmt: skip
+        dataset, labels = dataset.select(keep), [labels[i] for i in keep]
+    return ImageRows(dataset, mode="eval", labels=labels, **common)
 
 
 def make_lr_lambda(args, steps_per_epoch: int, total_steps: int, peak_lr: float):
@@ -431,19 +533,37 @@ def make_lr_lambda(args, steps_per_epoch: int, total_steps: int, peak_lr: float)
     return factor
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a partial one has no trainer_state.json and is never picked)."""
+def latest_checkpoint(output_dir: Path, before: int | None = None) -> Path | None:
+    """The newest complete checkpoint (a partial one has no trainer_state.json and is never picked),
+    or the newest of a step below `before`."""
     root = output_dir / "checkpoints"
     done = [
         p
         for p in root.glob("step_*")
-        if (p / "trainer_state.json").exists() and re.fullmatch(r"step_\d+", p.name)
+        if (p / "trainer_state.json").exists()
+        and re.fullmatch(r"step_\d+", p.name)
+        and (before is None or int(p.name[5:]) < before)
     ]
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
+def set_aside_newer_checkpoints(output_dir: Path, step: int) -> None:
+    """Resuming from an older checkpoint abandons the newer ones (after a numerical fault, say): rename
+    them `abandoned-step_N`, kept for inspection, so that 'latest' never mixes the two runs."""
+    for path in sorted((output_dir / "checkpoints").glob("step_*")):
+        if re.fullmatch(r"step_\d+", path.name) and int(path.name[5:]) > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+            logger.warning("resumed from step %d: the newer %s is now %s", step, path, target.name)
+
+
 def save_checkpoint(accelerator, output_dir: Path, state: dict, save_total_limit: int | None) -> Path:
-    """`accelerator.save_state` into a temporary folder, then an atomic rename to `step_<N>`."""
+    """`accelerator.save_state` into a temporary folder, then an atomic rename to `step_<N>`.
+
+    A kill at any moment leaves every `step_<N>` complete: unfinished writes and deletions live in hidden
+    `.tmp-`/`.old-` folders, which `latest_checkpoint` never picks and the next run removes.
+    """
     root = output_dir / "checkpoints"
     final = root / f"step_{state['global_step']}"
     tmp = root / f".tmp-step_{state['global_step']}"
@@ -456,14 +576,16 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, save_total_limit
         if accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             if final.exists():
-                shutil.rmtree(final)
+                remove_checkpoint(final)
             os.replace(tmp, final)
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001  (a full disk raises OSError, RuntimeError or SafetensorError)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**20
         raise SystemExit(
-            f"error: could not write checkpoint {final} ({error}). The previous checkpoints are intact; "
-            "free disk space (or lower --save_total_limit) and resume with --resume_from_checkpoint latest."
+            f"error: could not write checkpoint {final} ({type(error).__name__}: {error}; {free:.0f} MiB free "
+            "there). The previous checkpoints are intact: free disk space (or lower --save_total_limit) and "
+            "resume with --resume_from_checkpoint latest."
         ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and save_total_limit:
@@ -472,8 +594,74 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, save_total_limit
             key=lambda p: int(p.name.split("_")[1]),
         )
         for old in done[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Rename, then delete: a kill midway leaves a hidden folder, never a half-deleted `step_<N>`."""
+    hidden = path.with_name(f".old-{path.name}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def remove_unfinished_writes(output_dir: Path) -> None:
+    """Delete what a killed run left half-written: hidden checkpoint folders and the model staging folder."""
+    for path in [*(output_dir / "checkpoints").glob(".*-step_*"), output_dir / MODEL_STAGING]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file under a temporary name, then rename it: readers never see it half-written."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one device sync)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def checkpoint_or_stop(
+    accelerator, model, output_dir: Path, state: dict, save_total_limit, fault=None, diverged=False
+) -> Path:
+    """Checkpoint the current step; on a numerical `fault`, or when the last update made the weights
+    non-finite, end the run instead, naming the step, the likely causes and the checkpoints to resume
+    from (`diverged`: the fault is known not to come from a few batches). Non-finite weights are never
+    saved, and a fault's checkpoint rotates no older one out."""
+    finite = weights_are_finite(model)
+    if fault is None and finite:
+        return save_checkpoint(accelerator, output_dir, dict(state), save_total_limit)
+    step = state["global_step"]
+    remedy = "a lower --learning_rate, a larger --eps or fp32 (--mixed_precision no)"
+    if finite:
+        path = save_checkpoint(accelerator, output_dir, dict(state), None)
+        earlier = latest_checkpoint(output_dir, before=step)
+        advice = f"The state after step {step}, the last completed one, is saved in {path}. " + (
+            "The weights have diverged:"
+            if diverged
+            else "If a few batches cause this, resume from it with --on_nan skip; if the fault comes back at "
+            "once, the weights have diverged:"
+        )
+        advice += f" resume from {earlier} with {remedy}." if earlier else f" start again with {remedy}."
+    else:
+        fault = fault or f"step {step}: the update made the weights non-finite"
+        newest = latest_checkpoint(output_dir)
+        advice = "The weights were not saved. " + (
+            f"Resume from the newest checkpoint, {newest}, with {remedy}."
+            if newest
+            else f"No checkpoint exists (see --checkpointing_steps): start again with {remedy}."
+        )
+    raise SystemExit(f"error: numerical fault at {fault}\n{advice}")
+
+
+def all_processes_agree(accelerator, flag: bool) -> bool:
+    """True when `flag` is true on every process."""
+    missing = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
+    return accelerator.reduce(missing, reduction="sum").item() == 0
 
 
 class StopSignal:
@@ -485,7 +673,16 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: leave now; the checkpoints on disk are complete
+            raise SystemExit(f"error: {signal.Signals(signum).name} again: stopped at once, without saving.")
         self.received = signum
+
+    @staticmethod
+    def ignore_in_worker(worker_id: int) -> None:
+        """DataLoader `worker_init_fn`: a Ctrl-C or a scheduler's SIGTERM reaches the whole process group;
+        workers ignore it and keep feeding the main process until it has checkpointed and ends them."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def agreed(self, accelerator) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
@@ -495,8 +692,22 @@ class StopSignal:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    """Run `pretrain`; a data problem, also one found mid-run in a DataLoader worker, ends it with one line."""
+    try:
+        return pretrain(argv)
+    except DataError as error:
+        raise SystemExit(f"error: {data_error_message(error)}") from None
+
+
+def pretrain(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     project = Path(args.output_dir)
+    if args.resume_from_checkpoint is None and latest_checkpoint(project) is not None:
+        # A fresh run would mix its checkpoints with these, and a later 'latest' could pick the old run's.
+        raise SystemExit(
+            f"error: --output_dir {project} holds checkpoints of an earlier run: pass --resume_from_checkpoint "
+            f"latest to continue it, or start afresh in another --output_dir (or delete {project / 'checkpoints'})."
+        )
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -527,15 +738,17 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps."
             )
         args.per_device_train_batch_size = args.total_batch_size // divisor
+    if args.per_device_train_batch_size < 2:
+        raise SystemExit(
+            f"error: each process's batch is {args.per_device_train_batch_size} image(s); BatchNorm and the loss "
+            "need at least 2: raise --total_batch_size or lower --gradient_accumulation_steps."
+        )
     args.total_batch_size = (
         args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     )
     peak_lr = args.learning_rate * args.total_batch_size / args.lr_reference_batch_size
 
-    try:
-        rows, sampler, train_loader, eval_rows, loader_kwargs = build_dataloaders(args, accelerator)
-    except DataError as error:
-        raise SystemExit(f"error: {error}") from None
+    rows, sampler, train_loader, eval_rows, loader_kwargs = build_dataloaders(args, accelerator)
 
     model = CorInfoMaxForPreTraining(args.model_config)
     if args.on_nan == "skip":
@@ -557,13 +770,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         steps_per_epoch = math.ceil(steps_per_epoch / accelerator.num_processes)
     total_steps = args.max_train_steps or int(math.ceil(args.num_train_epochs * steps_per_epoch))
     steps_per_epoch = steps_per_epoch or total_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, make_lr_lambda(args, steps_per_epoch, total_steps, peak_lr)
-    )
-    # The scheduler is stepped once per optimisation step by us, so it is registered for checkpointing
-    # rather than prepared (a prepared scheduler steps once per process).
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    accelerator.register_for_checkpointing(scheduler)
     if args.torch_compile:
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
@@ -592,21 +799,39 @@ def main(argv: list[str] | None = None) -> dict | None:
             logger.info(
                 "--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh", project
             )
-        elif not (path / "trainer_state.json").exists():
-            raise SystemExit(f"error: {path} is not a complete checkpoint (no trainer_state.json).")
         else:
-            accelerator.load_state(str(path))
-            state = json.loads((path / "trainer_state.json").read_text())
+            try:
+                accelerator.load_state(str(path))
+                state = json.loads((path / "trainer_state.json").read_text())
+            except Exception as error:  # noqa: BLE001  (any failure here has the same remedy)
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise SystemExit(
+                    f"error: cannot resume from {path} ({type(error).__name__}: {first_line}). It is damaged or was "
+                    "written with other model settings: resume from an older checkpoints/step_N or start afresh."
+                ) from None
             logger.info("resumed from %s at step %d", path, state["global_step"])
+            if accelerator.is_main_process:
+                set_aside_newer_checkpoints(project, state["global_step"])
+    # The schedule is a function of the step, so it is rebuilt, not checkpointed: a resumed run follows the
+    # current flags (a lower --learning_rate after a numerical fault), and no pickled scheduler is loaded
+    # (Accelerate unpickles registered objects with weights_only=False).
+    for group in optimizer.param_groups:
+        group["initial_lr"] = peak_lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer,
+        make_lr_lambda(args, steps_per_epoch, total_steps, peak_lr),
+        last_epoch=state["global_step"] - 1,
+    )
 
     if accelerator.is_main_process:
         project.mkdir(parents=True, exist_ok=True)
+        remove_unfinished_writes(project)
         resolved = {
             k: v
             for k, v in vars(args).items()
             if k not in ("model_config", "two_view_augmentation", "hub_token")
         }
-        (project / "training_args.json").write_text(json.dumps(resolved, indent=2, default=str))
+        write_atomically(project / "training_args.json", json.dumps(resolved, indent=2, default=str))
     if args.report_to != "none":
         accelerator.init_trackers(
             "corinfomax",
@@ -632,7 +857,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     eval_rows["test"], batch_size=512, collate_fn=ExampleCollator(True)
                 )
             )
-        )["pixel_values"]
+        ).get("pixel_values")  # None when all of the first 512 are unreadable
     spectrum_start = (
         projection_spectrum(unwrapped, spectrum_batch, args) if spectrum_batch is not None else None
     )
@@ -652,12 +877,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     generator = torch.Generator(device=aug_device)
     started, images_seen, window_start = time.time(), 0, time.time()
-    stopped_by = None
+    stopped_by, saved, consecutive_skips = None, None, 0
+    # A faulty forward has already updated the BatchNorm statistics; these copies undo that.
+    running_stats = [b for name, b in unwrapped.named_buffers() if not name.startswith("loss_fn.")]
     model.train()
     while state["global_step"] < total_steps and stopped_by is None:
-        epoch = state["epoch"]
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        epoch, whole_epoch, usable_batches = state["epoch"], state["step_in_epoch"] == 0, 0
+        # Accelerate's loader sets its sampler's epoch from its own count of iterations when it starts;
+        # after a resume that count is wrong, so it is set here (the skipping loader below copies it).
+        train_loader.set_epoch(epoch)
         rows.set_epoch(epoch)
         loader = train_loader
         if state["step_in_epoch"]:
@@ -673,8 +901,13 @@ def main(argv: list[str] | None = None) -> dict | None:
                     state["bad_images"],
                     batch["bad_images"][0],
                 )
-            if "view1" not in batch:
+            usable = len(batch.get("index", ())) >= 2  # BatchNorm and the covariance need 2 images
+            if args.skip_bad_images and accelerator.num_processes > 1:
+                usable = all_processes_agree(accelerator, usable)  # drop a batch everywhere or nowhere
+            if not usable:
                 continue
+            usable_batches += 1
+            stats_before = [b.clone() for b in running_stats]
             generator.manual_seed(
                 hash((args.seed, state["global_step"], accelerator.process_index)) & 0x7FFFFFFF
             )
@@ -693,21 +926,20 @@ def main(argv: list[str] | None = None) -> dict | None:
                     )
                 if fault is not None:
                     optimizer.zero_grad(set_to_none=True)
-                    if args.on_nan == "skip":
+                    for buffer, before in zip(running_stats, stats_before, strict=True):
+                        buffer.copy_(before)
+                    fault = f"step {state['global_step'] + 1}: {fault}"
+                    consecutive_skips += 1
+                    if args.on_nan == "skip" and consecutive_skips <= MAX_CONSECUTIVE_SKIPS:
                         state["skipped_steps"] += 1
-                        logger.warning(
-                            "step %d skipped (%s); %d skipped so far",
-                            state["global_step"] + 1,
-                            fault,
-                            state["skipped_steps"],
-                        )
+                        logger.warning("%s; skipped (%d so far)", fault, state["skipped_steps"])
                         continue
-                    path = save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
-                    raise SystemExit(
-                        f"error: numerical fault at step {state['global_step'] + 1}: {fault}\nThe last good state "
-                        f"is saved in {path}. Lower --learning_rate, raise --eps, or train in fp32 "
-                        "(--mixed_precision no), then --resume_from_checkpoint latest; or pass --on_nan skip."
+                    if args.on_nan == "skip":
+                        fault += f" (after {MAX_CONSECUTIVE_SKIPS} skipped steps in a row)"
+                    checkpoint_or_stop(
+                        accelerator, unwrapped, project, state, None, fault, args.on_nan == "skip"
                     )
+                consecutive_skips = 0
                 accelerator.backward(out.loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -739,7 +971,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 accelerator.log(record, step=step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", erank=f"{record['effective_rank']:.1f}")
             if checkpoint_every and step % checkpoint_every == 0:
-                save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
+                saved = checkpoint_or_stop(accelerator, unwrapped, project, state, args.save_total_limit)
             if stop.agreed(accelerator):
                 stopped_by = stop.received or signal.SIGTERM
             if step >= total_steps or stopped_by is not None:
@@ -749,13 +981,20 @@ def main(argv: list[str] | None = None) -> dict | None:
                 total_steps = step
                 break
         else:
+            if whole_epoch and not usable_batches:
+                raise DataError(
+                    f"no image of the training split could be read in a whole epoch ({state['bad_images']} "
+                    "skipped): check the files and --image_column."
+                )
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             if args.checkpointing_steps == "epoch":
-                save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
+                saved = checkpoint_or_stop(accelerator, unwrapped, project, state, args.save_total_limit)
     progress.close()
     if stopped_by is not None:
-        path = save_checkpoint(accelerator, project, dict(state), args.save_total_limit)
+        path = saved
+        if saved is None or saved.name != f"step_{state['global_step']}":  # not just written
+            path = checkpoint_or_stop(accelerator, unwrapped, project, state, args.save_total_limit)
         logger.info(
             "received %s: saved %s; resume with --resume_from_checkpoint latest",
             signal.Signals(stopped_by).name,
@@ -798,7 +1037,11 @@ def eval_features(model, rows, args, accelerator, loader_kwargs):
 
     loader = torch.utils.data.DataLoader(rows, batch_size=256, shuffle=False, **loader_kwargs)
     loader = accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
-    return extract_features(model, NormalizingLoader(loader, args), accelerator=accelerator)
+    return extract_features(
+        model,
+        NormalizingLoader(loader, args),
+        accelerator=accelerator if accelerator.num_processes > 1 else None,
+    )
 
 
 class NormalizingLoader:
@@ -813,6 +1056,8 @@ class NormalizingLoader:
     def __iter__(self):
         fmt = torch.channels_last if self.args.channels_last else torch.contiguous_format
         for batch in self.loader:
+            if "pixel_values" not in batch:  # every image of the batch was unreadable (--skip_bad_images)
+                continue
             yield {
                 "pixel_values": normalize_batch(
                     batch["pixel_values"], self.args.image_mean, self.args.image_std, fmt
@@ -830,7 +1075,7 @@ def monitor_knn(model, eval_rows, args, accelerator, loader_kwargs) -> float:
     }
     xtr, ytr = eval_features(model.corinfomax, subset["train"], args, accelerator, loader_kwargs)
     xte, yte = eval_features(model.corinfomax, subset["test"], args, accelerator, loader_kwargs)
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+    num_classes = eval_rows["num_classes"]
     return knn_accuracy(xtr, ytr, xte, yte, num_classes, k=20, temperature=0.07)["top1"]
 
 
@@ -849,7 +1094,7 @@ def finish(
     """Save the model, evaluate against the baselines, write eval_results.json and the figure, push."""
     project = Path(args.output_dir)
     accelerator.wait_for_everyone()
-    model.save_pretrained(str(project), is_main_process=accelerator.is_main_process)
+    save_model(model, project, accelerator)
     results: dict = {
         "train_runtime_seconds": round(seconds, 1),
         "global_step": state["global_step"],
@@ -857,14 +1102,12 @@ def finish(
         "bad_images": state["bad_images"],
     }
     if eval_rows is not None and args.do_eval:
-        names = eval_rows["names"]
-        num_classes = len(names) if names else None
+        num_classes = eval_rows["num_classes"]
 
         def features_of(encoder):
             return lambda split: eval_features(encoder, eval_rows[split], args, accelerator, loader_kwargs)
 
         ours = {split: features_of(model.corinfomax)(split) for split in ("train", "test")}
-        num_classes = num_classes or int(max(ours["train"][1].max(), ours["test"][1].max())) + 1
         results.update(evaluate_encoder(lambda split: ours[split], num_classes))
         if args.eval_baselines:
             baseline_config = CorInfoMaxConfig(
@@ -901,8 +1144,14 @@ def finish(
             "linear": {"method": "logistic regression on frozen precomputed backbone features"},
         }
     if accelerator.is_main_process:
-        (project / "eval_results.json").write_text(json.dumps(results, indent=2))
-        (project / "training_log.json").write_text(json.dumps(state["history"], indent=2))
+        from modeling_corinfomax.evaluation import update_eval_results  # noqa: PLC0415
+
+        try:  # keep what eval.py / finetune.py already wrote there for the same dataset
+            update_eval_results(project, results)
+        except ValueError as error:
+            logger.warning("%s: replacing %s/eval_results.json", error, project)
+            write_atomically(project / "eval_results.json", json.dumps(results, indent=2))
+        write_atomically(project / "training_log.json", json.dumps(state["history"], indent=2))
         spectrum_end = (
             projection_spectrum(model, spectrum_batch, args) if spectrum_batch is not None else None
         )
@@ -919,6 +1168,27 @@ def finish(
             private=args.hub_private_repo,
         )
     return results
+
+
+def save_model(model, project: Path, accelerator) -> None:
+    """`save_pretrained` into a staging folder, then rename each file into place, so a kill or a full disk
+    never leaves a half-written model.safetensors (nor destroys the previous one)."""
+    staging = project / MODEL_STAGING
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(str(staging), is_main_process=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            for path in staging.iterdir():
+                os.replace(path, project / path.name)
+            staging.rmdir()
+    except Exception as error:  # noqa: BLE001  (a full disk raises OSError, RuntimeError or SafetensorError)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SystemExit(
+            f"error: could not write the model to {project} ({type(error).__name__}: {error}). Free disk space "
+            "and run again with --resume_from_checkpoint latest (training resumes from the newest checkpoint)."
+        ) from None
+    accelerator.wait_for_everyone()
 
 
 def zero_init_last_off(config: CorInfoMaxConfig) -> dict:

@@ -37,6 +37,15 @@ class DataError(ValueError):
     """A dataset problem that is reported before (or instead of) a stack trace from a worker."""
 
 
+def data_error_message(error: DataError) -> str:
+    """The one-line message of a `DataError`, also of one raised in a DataLoader worker (which the
+    DataLoader re-raises as a new `DataError` whose message is the worker's whole traceback)."""
+    text = str(error).strip()
+    if "Traceback (most recent call last)" in text:
+        text = text.splitlines()[-1].split("DataError: ", 1)[-1]
+    return text
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
@@ -61,24 +70,30 @@ def load_image_dataset(
 
     if dataset_name and train_dir:
         raise DataError("pass either --dataset_name or --train_dir, not both.")
-    if train_dir:
-        if not Path(train_dir).is_dir():
-            raise DataError(f"--train_dir {train_dir!r} is not a folder of images.")
-        ds = datasets.load_dataset(
-            "imagefolder", data_dir=train_dir, streaming=streaming, cache_dir=cache_dir
+    if train_dir and not Path(train_dir).is_dir():
+        raise DataError(f"--train_dir {train_dir!r} is not a folder of images.")
+    files = {s: str(BUNDLED_DATA_DIR / f"{s}.parquet") for s in ("train", "test")}
+    if not (train_dir or dataset_name or all(Path(f).exists() for f in files.values())):
+        raise DataError(
+            f"the bundled dataset is missing from {BUNDLED_DATA_DIR}: run `python data/make_fashion_mnist.py` "
+            "(needs `apt-get install dataset-fashion-mnist`) or pass --dataset_name/--train_dir."
         )
-    elif dataset_name:
-        ds = datasets.load_dataset(
-            dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir, revision=revision
-        )
-    else:
-        files = {s: str(BUNDLED_DATA_DIR / f"{s}.parquet") for s in ("train", "test")}
-        if not all(Path(f).exists() for f in files.values()):
-            raise DataError(
-                f"the bundled dataset is missing from {BUNDLED_DATA_DIR}: run `python data/make_fashion_mnist.py` "
-                "(needs `apt-get install dataset-fashion-mnist`) or pass --dataset_name/--train_dir."
+    try:
+        if train_dir:
+            ds = datasets.load_dataset(
+                "imagefolder", data_dir=train_dir, streaming=streaming, cache_dir=cache_dir
             )
-        ds = datasets.load_dataset("parquet", data_files=files, streaming=streaming, cache_dir=cache_dir)
+        elif dataset_name:
+            ds = datasets.load_dataset(
+                dataset_name, dataset_config_name, streaming=streaming, cache_dir=cache_dir, revision=revision
+            )
+        else:
+            ds = datasets.load_dataset("parquet", data_files=files, streaming=streaming, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:  # no such dataset, a folder without images, a missing config, ...
+        source = (
+            f"--train_dir {train_dir}" if train_dir else f"--dataset_name {dataset_name or files['train']}"
+        )
+        raise DataError(f"cannot load {source}: {type(error).__name__}: {error}") from None
     if split not in ds:
         raise DataError(
             f"split {split!r} not found; available splits: {sorted(ds)}. Use --train_split/--validation_split."
@@ -131,6 +146,52 @@ def label_names(dataset, label_column: str | None) -> list[str] | None:
     """Class names of a ClassLabel column (None when the column is absent or not a ClassLabel)."""
     feature = (dataset.features or {}).get(label_column) if label_column else None
     return list(feature.names) if hasattr(feature, "names") else None
+
+
+def class_names(dataset, label_column: str) -> list[str] | None:
+    """The classes of a label column: its ClassLabel names, the sorted distinct values of a column of
+    strings, or None for integer class indices."""
+    names = label_names(dataset, label_column)
+    if names is None and getattr((dataset.features or {}).get(label_column), "dtype", None) in (
+        "string",
+        "large_string",
+    ):
+        names = sorted({v for v in dataset[label_column] if v is not None})
+    return names
+
+
+def class_indices(dataset, label_column: str, names: list[str] | None, split: str) -> list[int]:
+    """Each row's class index in `names` (from `class_names` of the training split), -1 where the label
+    is missing (None, or negative as in unlabelled test splits).
+
+    A ClassLabel that names or orders the classes differently is mapped by name, so labels never index
+    the wrong class. Raises `DataError` for classes that `names` lacks and for indices outside it.
+    """
+    values = list(dataset[label_column])
+    own = label_names(dataset, label_column)
+    if own is not None and names is not None and own != names:
+        values = [own[v] if v is not None and v >= 0 else None for v in values]
+    if any(isinstance(v, str) for v in values):
+        if names is None:
+            raise DataError(
+                f"the {split!r} split has string labels but the training split has class indices."
+            )
+        position = {name: i for i, name in enumerate(names)}
+        unknown = sorted({v for v in values if v is not None and v not in position})
+        if unknown:
+            raise DataError(
+                f"the {split!r} split has classes {unknown[:5]} that the training split does not have "
+                f"(its classes: {names[:10]}{' ...' if len(names) > 10 else ''}): use splits with the same classes."
+            )
+        values = [position[v] if v is not None else None for v in values]
+    indices = [-1 if v is None or v < 0 else int(v) for v in values]
+    outside = sorted({i for i in indices if names is not None and i >= len(names)})
+    if outside:
+        raise DataError(
+            f"the {split!r} split has labels {outside[:5]} outside the {len(names)} classes of the training "
+            f"split's ClassLabel: use splits with the same label feature, or --label_column."
+        )
+    return indices
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,16 +357,15 @@ class ImageRows(torch.utils.data.Dataset):
         mode: str = "two_view",
         augmentation: TwoViewAugmentation | None = None,
         seed: int = 0,
+        labels: list[int] | None = None,
     ):
-        from datasets import Image as ImageFeature  # noqa: PLC0415
-
         if mode not in ("two_view", "eval"):
             raise ValueError(f"mode={mode!r}: use 'two_view' or 'eval'.")
-        if isinstance((dataset.features or {}).get(image_column), ImageFeature):
-            dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+        dataset = undecoded_columns(dataset, image_column, label_column)
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.image_size, self.mode, self.seed, self.epoch = image_size, mode, seed, 0
         self.augmentation = augmentation or TwoViewAugmentation()
+        self.labels = labels  # class indices that replace the label column's (see `class_indices`)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -315,7 +375,7 @@ class ImageRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.dataset[int(index)]
-        return make_example(
+        example = make_example(
             row,
             index,
             self.image_column,
@@ -325,6 +385,21 @@ class ImageRows(torch.utils.data.Dataset):
             self.augmentation,
             _sample_seed(self.seed, self.epoch, index),
         )
+        if self.labels is not None and "error" not in example:
+            example["labels"] = self.labels[index]
+        return example
+
+
+def undecoded_columns(dataset, image_column: str, label_column: str | None):
+    """Only the columns that are used, the images as undecoded bytes/paths: `datasets` would otherwise
+    decode every Image column while reading a row, where an unreadable file cannot be reported per row."""
+    from datasets import Image as ImageFeature  # noqa: PLC0415
+
+    if dataset.features is not None:  # (streaming datasets may not know their columns)
+        dataset = dataset.select_columns(list(dict.fromkeys(c for c in (image_column, label_column) if c)))
+        if isinstance(dataset.features.get(image_column), ImageFeature):
+            dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    return dataset
 
 
 def make_example(row, index, image_column, label_column, image_size, mode, augmentation, seed) -> dict:
@@ -364,6 +439,7 @@ class StreamingImageRows(torch.utils.data.IterableDataset):
         seed=0,
         shuffle_buffer: int = 10_000,
     ):
+        dataset = undecoded_columns(dataset, image_column, label_column)
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.image_size, self.mode, self.seed, self.epoch = image_size, mode, seed, 0
         self.augmentation = augmentation or TwoViewAugmentation()
@@ -557,7 +633,10 @@ __all__ = [
     "StreamingImageRows",
     "TwoViewAugmentation",
     "ViewAugmentation",
+    "class_indices",
+    "class_names",
     "crop_view",
+    "data_error_message",
     "decode_image",
     "eval_view",
     "label_names",

@@ -8,42 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from helpers import REPO_ROOT, SMALL, assert_same_weights, run_train, start_train
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-import train  # noqa: E402
-
-# A run small enough for CI: 256 real images, batch 32, resnet18 at 32 px, no final evaluation.
-SMALL = [
-    "--max_train_samples", "256", "--total_batch_size", "32", "--projector_dims", "64", "64", "16",
-    "--logging_steps", "1", "--dataloader_num_workers", "0", "--no-do_eval",
-]  # fmt: skip
-
-
-def run_train(args: list[str], env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "2",
-        **(env_extra or {}),
-    }
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=600,
-        **kwargs,
-    )
-
+import train
 
 # --------------------------------------------------------------------------------------------------- flags
 
@@ -178,10 +147,6 @@ def test_small_run_writes_a_loadable_model_and_all_outputs(tmp_path):
     assert int(pretraining.loss_fn.num_updates) == 3  # the loss state travels with the weights
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
-
-
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     common = [*SMALL, "--max_train_steps", "8", "--checkpointing_steps", "2", "--dataloader_num_workers", "1"]
     straight = tmp_path / "straight"
@@ -189,15 +154,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
 
     # SIGTERM after the first checkpoint: the run saves the current step and exits cleanly.
     resumed = tmp_path / "resumed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "train.py"), *common, "--output_dir", str(resumed)],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_train([*common, "--output_dir", str(resumed)])
     deadline = time.time() + 300
     while not (resumed / "checkpoints" / "step_2" / "trainer_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, (
@@ -215,10 +172,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     result = run_train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {resumed / 'checkpoints' / f'step_{steps[-1]}'}" in result.stdout
-    a, b = _weights(straight), _weights(resumed)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(straight, resumed)
     log = json.loads((resumed / "training_log.json").read_text())
     assert [r["step"] for r in log] == list(range(1, 9))
 

@@ -1,0 +1,597 @@
+"""Reliability of train.py: bad data, bad configuration, numerical faults, interruptions, full disks and
+untrusted files. Every failure is refused before training or ends the run with one clear line, and the
+output folder always holds complete, loadable checkpoints.
+
+Most runs call `train.main` in this process (no interpreter start-up); the kills use real subprocesses.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Image as ImageFeature
+from helpers import SMALL, assert_same_weights, run_train, start_train, weights
+from PIL import Image
+
+import train
+from modeling_corinfomax import CorInfoMaxLoss
+from modeling_corinfomax.data import DataError, class_indices, class_names, decode_image
+
+# SMALL with a 0.4M-parameter backbone and 64 images in batches of 16 (4 steps per epoch): seconds a run.
+# fp32 everywhere: the runs in this process share one AcceleratorState (the bundled demo defaults to bf16).
+FAST = [*SMALL, "--backbone", "test_resnet", "--max_train_samples", "64", "--total_batch_size", "16",
+        "--mixed_precision", "no"]  # fmt: skip
+FAKE_TOKEN = "hf_" + "FakeTokenForTheLeakTest" * 2
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """`train.main` installs SIGINT/SIGTERM handlers; give pytest its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def refusal(argv: list[str]) -> str:
+    """The message of the SystemExit that `train.main(argv)` ends with."""
+    with pytest.raises(SystemExit) as raised:
+        train.main(argv)
+    return str(raised.value)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- bad data
+
+# Files that decode_image converts to RGB (each a 32x32 image), and files nobody can train on.
+CONVERTIBLE = {
+    "sixteen_bit.png": lambda: Image.fromarray((np.arange(1024, dtype=np.uint16) * 50).reshape(32, 32)),
+    "cmyk.jpg": lambda: Image.new("CMYK", (32, 32), (0, 255, 255, 0)),
+    "palette_transparent.png": lambda: Image.new("P", (32, 32), 0),  # saved with index 0 transparent
+    "gray_alpha.png": lambda: Image.new("LA", (32, 32), (90, 128)),
+}
+UNREADABLE = {
+    "empty.png": b"",
+    "garbage.png": b"this is not an image\n" * 20,
+    "truncated.png": png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[:2000],
+    "one_pixel.png": png_bytes(np.zeros((1, 1, 3), np.uint8)),
+}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """An imagefolder of 32 files in classes a/ and b/: 24 good PNGs, the 4 convertible and the 4 unreadable."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for klass in "ab":
+        (root / klass).mkdir()
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / klass / f"{i}.png")
+    for i, (name, make) in enumerate(CONVERTIBLE.items()):
+        make().save(root / "ab"[i % 2] / name, **({"transparency": 0} if name.startswith("palette") else {}))
+    for i, (name, data) in enumerate(UNREADABLE.items()):
+        (root / "ab"[i % 2] / name).write_bytes(data)
+    return root
+
+
+def test_unusual_image_modes_are_converted_to_rgb(image_folder):
+    images = {name: decode_image(str(next(image_folder.rglob(name)))) for name in CONVERTIBLE}
+    assert {(im.mode, im.size) for im in images.values()} == {("RGB", (32, 32))}
+    sixteen = np.asarray(images["sixteen_bit.png"])
+    assert sixteen.min() == 0 and sixteen.max() == 255  # rescaled from its own 16-bit range
+    assert (np.asarray(images["palette_transparent.png"]) == 255).all()  # transparency composited on white
+    assert np.asarray(images["cmyk.jpg"])[0, 0].tolist() == [255, 0, 0]
+
+
+def test_unreadable_images_end_the_run_with_one_line_that_names_a_file(image_folder, tmp_path):
+    # One worker process: the error is raised there and must still reach the user as one clean line.
+    flags = [
+        *FAST,
+        "--train_dir",
+        str(image_folder),
+        "--dataloader_num_workers",
+        "1",
+        "--max_train_steps",
+        "2",
+    ]
+    message = refusal([*flags, "--output_dir", str(tmp_path / "run")])
+    assert message.startswith("error: could not read") and "\n" not in message and "Traceback" not in message
+    assert any(name in message for name in UNREADABLE) and "--skip_bad_images" in message
+
+
+def test_skip_bad_images_skips_counts_and_logs_them(image_folder, tmp_path, caplog):
+    out = tmp_path / "run"
+    flags = [*FAST, "--train_dir", str(image_folder), "--max_train_steps", "2", "--skip_bad_images"]
+    results = train.main([*flags, "--output_dir", str(out)])
+    # One epoch reads each file once: exactly the 4 unreadable ones are skipped, the 4 convertible are used.
+    assert results["global_step"] == 2 and results["bad_images"] == 4
+    assert json.loads((out / "eval_results.json").read_text())["bad_images"] == 4
+    logged = "\n".join(r.getMessage() for r in caplog.records if "unreadable" in r.getMessage())
+    assert any(name in logged for name in UNREADABLE)
+
+
+@pytest.fixture(scope="module")
+def no_image_dataset(tmp_path_factory) -> Path:
+    """A parquet dataset folder whose columns are `pixels` (lists of ints) and `label`."""
+    root = tmp_path_factory.mktemp("no_images")
+    Dataset.from_dict({"pixels": [[0] * 16] * 40, "label": [0, 1] * 20}).to_parquet(
+        str(root / "train.parquet")
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train_dir", "{empty}"], "cannot load --train_dir"),
+        (
+            ["--train_dir", "{images}", "--image_column", "picture"],
+            "--image_column 'picture' is not a column",
+        ),
+        (["--train_dir", "{images}", "--label_column", "klass"], "--label_column 'klass' is not a column"),
+        (["--train_dir", "{images}", "--total_batch_size", "64"], "fewer than one global batch of 64"),
+        (["--dataset_name", "{no_images}"], "cannot tell which column holds the images"),
+    ],
+)
+def test_unusable_datasets_are_refused_before_training(
+    flags, message, image_folder, no_image_dataset, tmp_path
+):
+    (tmp_path / "empty").mkdir()
+    paths = {"empty": tmp_path / "empty", "images": image_folder, "no_images": no_image_dataset}
+    flags = [flag.format(**paths) for flag in flags]
+    text = refusal([*FAST, *flags, "--output_dir", str(tmp_path / "run")])
+    assert message in text and "\n" not in text
+    assert not (tmp_path / "run" / "training_args.json").exists()  # refused before the model was built
+
+
+@pytest.mark.parametrize(
+    ("skip", "message"),
+    [(False, "unsupported image value of type int"), (True, "no image of the training split could be read")],
+)
+def test_a_column_without_images_fails_instead_of_looping(skip, message, image_folder, tmp_path):
+    flags = [*FAST, "--train_dir", str(image_folder), "--image_column", "label", "--max_train_steps", "2"]
+    text = refusal([*flags, *(["--skip_bad_images"] if skip else []), "--output_dir", str(tmp_path / "run")])
+    assert message in text and "\n" not in text
+
+
+# ------------------------------------------------------------------------------------------------- labels
+
+
+def test_labels_are_matched_by_class_name_and_missing_ones_marked():
+    train_split = Dataset.from_dict(
+        {"label": [0, 1, 2]}, features=Features({"label": ClassLabel(names=["cat", "dog", "fox"])})
+    )
+    names = class_names(train_split, "label")
+    reordered = Dataset.from_dict(
+        {"label": [0, 1, -1, None]}, features=Features({"label": ClassLabel(names=["dog", "cat"])})
+    )
+    assert class_indices(reordered, "label", names, "test") == [1, 0, -1, -1]
+    strings = Dataset.from_dict({"label": ["b", "a", None]})
+    assert class_names(strings, "label") == ["a", "b"]
+    assert class_indices(strings, "label", ["a", "b"], "train") == [1, 0, -1]
+
+
+@pytest.mark.parametrize(
+    ("column", "feature", "message"),
+    [
+        ([0, 1], ClassLabel(names=["dog", "bird"]), "classes ['bird'] that the training split does not have"),
+        ([0, 5], Value("int64"), "labels [5] outside the 3 classes"),
+        (["cat", "emu"], Value("string"), "classes ['emu']"),
+    ],
+)
+def test_labels_the_training_split_lacks_are_refused(column, feature, message):
+    held_out = Dataset.from_dict({"label": column}, features=Features({"label": feature}))
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        class_indices(held_out, "label", ["cat", "dog", "fox"], "test")
+
+
+def write_labelled_parquet(folder: Path, labels: dict[str, list]) -> Path:
+    """A dataset folder with one parquet file per split: random 32x32 PNGs and string labels."""
+    rng = np.random.default_rng(1)
+    folder.mkdir()
+    features = Features({"image": ImageFeature(), "label": Value("string")})
+    for split, column in labels.items():
+        images = [{"bytes": png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "path": None}]
+        Dataset.from_dict({"image": images * len(column), "label": column}, features=features).to_parquet(
+            str(folder / f"{split}.parquet")
+        )
+    return folder
+
+
+def test_evaluation_leaves_out_unlabelled_images_and_converts_string_labels(tmp_path, caplog):
+    data = write_labelled_parquet(
+        tmp_path / "data", {"train": ["cat", "dog"] * 16, "test": ["dog", None] * 8}
+    )
+    flags = [*FAST, "--dataset_name", str(data), "--max_train_steps", "1", "--do_eval", "--no-eval_baselines"]
+    results = train.main([*flags, "--output_dir", str(tmp_path / "run")])
+    assert 0.0 <= results["knn_top1"] <= 100.0 and 0.0 <= results["linear_top1"] <= 100.0
+    assert "8 images of the 'test' split have no label" in caplog.text
+
+
+def test_a_validation_split_with_foreign_classes_turns_the_evaluation_off(tmp_path, caplog):
+    data = write_labelled_parquet(
+        tmp_path / "data", {"train": ["cat", "dog"] * 16, "test": ["cat", "emu"] * 4}
+    )
+    args = train.parse_args([*FAST, "--dataset_name", str(data), "--per_device_train_batch_size", "16"])
+    *_, eval_rows, _ = train.build_dataloaders(args, Accelerator(cpu=True))
+    assert eval_rows is None
+    assert "classes ['emu'] that the training split does not have" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- bad flags
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--momentum", "-0.9"], "--momentum, --warmup_start_lr and --seed must be >= 0"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--time_budget_minutes", "0"], "--time_budget_minutes must be > 0"),
+        (["--total_batch_size", "1"], "a batch needs at least 2 images"),
+        (["--max_eval_samples", "0"], "--max_eval_samples must be a positive integer"),
+        (["--backbone_kwargs", "[1]"], "--backbone_kwargs must be a JSON object"),
+        (["--backbone_kwargs", '{"no_such_argument": 1}'], "are not accepted by 'resnet18'"),
+        (["--resume_from_checkpoint", "/no/such/checkpoint"], "is not a complete checkpoint"),
+        (["--push_to_hub", "--hub_model_id", "not a repo id"], "is not a repository id"),
+        (["--push_to_hub", "--hub_model_id", "org/name"], "HF_HUB_OFFLINE is set"),
+        pytest.param(
+            ["--report_to", "wandb"],
+            "needs `pip install wandb`",
+            marks=pytest.mark.skipif(train.is_wandb_available(), reason="wandb is installed"),
+        ),
+    ],
+)
+def test_more_bad_flags_are_refused_before_loading_data(flags, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        train.parse_args(flags)
+
+
+def test_push_without_a_token_is_refused_before_training(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(SystemExit, match="needs a Hub token with write access"):
+        train.parse_args(["--push_to_hub", "--hub_model_id", "org/name"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("alpha: [1,\n", "is not valid YAML"),
+        ("total_batch_size: many\n", "argument --total_batch_size: invalid int value: 'many'"),
+        ("optimizer: adam\n", "argument --optimizer: invalid choice: 'adam'"),
+        ("image_mean: [0.5, 0.5]\n", "argument --image_mean: expected 3 arguments"),
+    ],
+)
+def test_config_file_values_are_checked_like_flags(text, message, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as raised:
+        train.parse_args(["--config", str(config)])
+    assert str(raised.value).startswith(f"error: --config {config}") and message in str(raised.value)
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
+    (tmp_path / "checkpoints" / "step_3").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_3" / "trainer_state.json").write_text("{}")
+    assert "--resume_from_checkpoint latest" in refusal([*FAST, "--output_dir", str(tmp_path)])
+
+
+def test_a_batch_of_one_image_per_process_is_refused(tmp_path):
+    flags = ["--total_batch_size", "4", "--gradient_accumulation_steps", "4", "--output_dir", str(tmp_path)]
+    assert "each process's batch is 1 image(s)" in refusal([*FAST, *flags])
+
+
+# ------------------------------------------------------------------------------------- numerical faults
+
+
+def finite(checkpoint: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in weights(checkpoint).values() if t.is_floating_point())
+
+
+def test_divergence_stops_at_the_last_good_step_and_a_lower_lr_resumes(tmp_path):
+    # A real divergence: the warmup reaches lr ~1e28 at step 2, and step 3's projections overflow.
+    out = tmp_path / "run"
+    flags = [*FAST, "--max_train_steps", "6", "--checkpointing_steps", "1", "--output_dir", str(out)]
+    message = refusal([*flags, "--learning_rate", "1e30", "--warmup_epochs", "1"])
+    assert message.startswith("error: numerical fault at step 3: CorInfoMax loss at update 3: non-finite")
+    assert f"saved in {out / 'checkpoints' / 'step_2'}" in message
+    assert f"resume from {out / 'checkpoints' / 'step_1'} with a lower --learning_rate" in message
+    assert finite(out / "checkpoints" / "step_1") and finite(out / "checkpoints" / "step_2")
+
+    resume = ["--resume_from_checkpoint", str(out / "checkpoints" / "step_1")]
+    results = train.main([*flags, *resume, "--learning_rate", "0.05", "--warmup_epochs", "0"])
+    assert results["global_step"] == 6 and finite(out)
+    assert (out / "checkpoints" / "abandoned-step_2").is_dir()  # never resumed from by 'latest'
+    log = json.loads((out / "training_log.json").read_text())
+    assert [r["step"] for r in log] == list(range(1, 7)) and all(r["lr"] < 0.01 for r in log[1:])
+
+
+def test_an_update_to_non_finite_weights_is_never_saved(tmp_path):
+    out = tmp_path / "run"
+    flags = [*FAST, "--max_train_steps", "6", "--checkpointing_steps", "1", "--output_dir", str(out)]
+    # One warmup step at a small lr, then lr = 3e38 (float32's largest is 3.4e38): lr * grad overflows.
+    lr = ["--learning_rate", "3e38", "--lr_reference_batch_size", "16", "--warmup_epochs", "0.25"]
+    message = refusal([*flags, *lr])
+    assert message.startswith("error: numerical fault at step 2: the update made the weights non-finite")
+    assert f"Resume from the newest checkpoint, {out / 'checkpoints' / 'step_1'}" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
+
+
+@pytest.fixture
+def one_nan_batch(monkeypatch):
+    """The second batch's projections reach the loss as NaN, once (as after an fp16 overflow)."""
+    real, calls = CorInfoMaxLoss.forward, []
+
+    def forward(self, z1, z2):
+        calls.append(len(z1))
+        return real(self, torch.full_like(z1, float("nan")) if len(calls) == 2 else z1, z2)
+
+    monkeypatch.setattr(CorInfoMaxLoss, "forward", forward)
+
+
+def test_a_fault_saves_a_resumable_checkpoint_and_on_nan_skip_counts_skipped_steps(
+    tmp_path, one_nan_batch, monkeypatch
+):
+    out = tmp_path / "run"
+    flags = [*FAST, "--max_train_steps", "4", "--output_dir", str(out)]
+    message = refusal(flags)
+    assert message.startswith(
+        "error: numerical fault at step 2: CorInfoMax loss at update 2: non-finite projections"
+    )
+    assert "resume from it with --on_nan skip" in message
+    assert train.latest_checkpoint(out) == out / "checkpoints" / "step_1"
+
+    monkeypatch.undo()  # the fault is gone: the resumed run continues from step 1
+    results = train.main([*flags, "--resume_from_checkpoint", "latest", "--on_nan", "skip"])
+    assert results["global_step"] == 4 and results["skipped_steps"] == 0
+
+
+def test_on_nan_skip_skips_and_counts_faulty_steps(tmp_path, one_nan_batch, caplog):
+    out = tmp_path / "run"
+    results = train.main([*FAST, "--max_train_steps", "4", "--on_nan", "skip", "--output_dir", str(out)])
+    assert results["global_step"] == 4 and results["skipped_steps"] == 1
+    assert json.loads((out / "eval_results.json").read_text())["skipped_steps"] == 1
+    assert "step 2:" in caplog.text and "skipped (1 so far)" in caplog.text
+
+
+def test_on_nan_skip_gives_up_on_a_diverged_run(tmp_path):
+    flags = ["--learning_rate", "1e30", "--warmup_epochs", "1", "--on_nan", "skip", "--max_train_steps", "20"]
+    message = refusal([*FAST, *flags, "--output_dir", str(tmp_path / "run")])
+    assert "after 10 skipped steps in a row" in message and "The weights have diverged" in message
+
+
+# ----------------------------------------------------------------------------------------------- the disk
+
+
+def check_the_previous_checkpoint_survived_a_full_disk(out: Path, message: str) -> None:
+    assert message.startswith(f"error: could not write checkpoint {out / 'checkpoints' / 'step_2'}")
+    assert "No space left on device" in message and "The previous checkpoints are intact" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]  # no half-written step_2
+    assert train.latest_checkpoint(out) == out / "checkpoints" / "step_1" and finite(
+        out / "checkpoints" / "step_1"
+    )
+
+
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real, calls = Accelerator.save_state, []
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the second checkpoint: a partial file, then the disk is full
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    out = tmp_path / "run"
+    message = refusal(
+        [*FAST, "--max_train_steps", "3", "--checkpointing_steps", "1", "--output_dir", str(out)]
+    )
+    check_the_previous_checkpoint_survived_a_full_disk(out, message)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MiB tmpfs: room for one checkpoint of FAST's model (3 MB), not two. Needs root."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_really_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tiny_disk):
+    # torch.save and safetensors report ENOSPC as RuntimeError and SafetensorError, not OSError.
+    out = tiny_disk / "run"
+    message = refusal(
+        [*FAST, "--max_train_steps", "3", "--checkpointing_steps", "1", "--output_dir", str(out)]
+    )
+    check_the_previous_checkpoint_survived_a_full_disk(out, message)
+
+
+# ---------------------------------------------------------------------------------------- interruptions
+
+KILLED = [*FAST, "--max_train_steps", "12", "--checkpointing_steps", "1", "--save_total_limit", "2",
+          "--dataloader_num_workers", "1"]  # fmt: skip
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.002) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None or time.time() > deadline:
+            output = proc.stdout.read() if proc.poll() is not None else "(timed out)"
+            raise AssertionError(f"train.py ended before the expected moment:\n{output[-3000:]}")
+        time.sleep(poll)
+
+
+def writing(out: Path) -> int:
+    """The step of the checkpoint being written (a .tmp-step_N folder), or -1."""
+    return max((int(p.name.split("_")[1]) for p in (out / "checkpoints").glob(".tmp-step_*")), default=-1)
+
+
+def newest_step(out: Path) -> int:
+    newest = train.latest_checkpoint(out)
+    return int(newest.name[5:]) if newest else 0
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> dict:
+    """An uninterrupted run, and the same run killed three times and resumed each time:
+    kill -9 at a random moment, kill -9 during a checkpoint write, SIGTERM to the whole process group
+    (DataLoader worker included, as a cluster scheduler or a terminal's Ctrl-C sends it); then resumed to
+    the end with a fake Hub token and TensorBoard."""
+    root, rng = tmp_path_factory.mktemp("interrupted"), random.Random(0)
+    straight, out, report = root / "straight", root / "resumed", {}
+    train.main([*KILLED, "--output_dir", str(straight)])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def start(resume: bool) -> subprocess.Popen:
+        flags = ["--resume_from_checkpoint", "latest"] if resume else []
+        return start_train([*KILLED, *flags, "--output_dir", str(out)], start_new_session=True)
+
+    proc = start(resume=False)  # 1: kill -9 at a random moment after the second checkpoint
+    wait_for(lambda: newest_step(out) >= 2, proc)
+    time.sleep(rng.uniform(0.0, 2.0))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+    proc = start(resume=True)  # 2: kill -9 while a checkpoint is being written
+    first = newest_step(out)  # (kill 1 may have left .tmp-step_<first + 1>: wait for a later write)
+    while True:
+        wait_for(lambda: writing(out) > first + 1, proc)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        if writing(out) > first + 1:
+            break
+        os.killpg(proc.pid, signal.SIGCONT)  # the write ended meanwhile: catch the next one
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    latest = train.latest_checkpoint(out)
+    report["left_after_kill"] = sorted(p.name for p in (out / "checkpoints").iterdir())
+    report["latest_after_kill"] = {"files": {p.name for p in latest.iterdir()}, "finite": finite(latest)}
+
+    proc = start(resume=True)  # 3: SIGTERM to the process group: the worker must not die first
+    first = newest_step(out)
+    wait_for(lambda: newest_step(out) > first, proc)
+    time.sleep(rng.uniform(0.0, 0.5))
+    os.killpg(proc.pid, signal.SIGTERM)
+    report["sigterm_output"], _ = proc.communicate(timeout=300)
+    report["sigterm_returncode"] = proc.returncode
+
+    final = run_train([*KILLED, "--resume_from_checkpoint", "latest", "--output_dir", str(out),
+                       "--hub_token", FAKE_TOKEN, "--report_to", "tensorboard"])  # fmt: skip
+    assert final.returncode == 0, final.stderr[-3000:]
+    report.update(straight=straight, out=out, final_output=final.stdout + final.stderr)
+    return report
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(interrupted):
+    assert_same_weights(interrupted["straight"], interrupted["out"])
+    log = json.loads((interrupted["out"] / "training_log.json").read_text())
+    assert [r["step"] for r in log] == list(range(1, 13))
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_complete_checkpoints(interrupted):
+    assert any(name.startswith(".tmp-step_") for name in interrupted["left_after_kill"])
+    latest = interrupted["latest_after_kill"]  # what --resume_from_checkpoint latest then picked
+    assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= latest["files"] and latest[
+        "finite"
+    ]
+    left = sorted(p.name for p in (interrupted["out"] / "checkpoints").iterdir())
+    assert left == ["step_11", "step_12"]  # the resumed run removed what the kill left half-written
+    assert not (interrupted["out"] / train.MODEL_STAGING).exists()
+
+
+def test_sigterm_to_the_process_group_checkpoints_and_exits_cleanly(interrupted):
+    output = interrupted["sigterm_output"]
+    assert interrupted["sigterm_returncode"] == 0, output[-3000:]
+    assert "received SIGTERM: saved" in output and "Traceback" not in output
+
+
+def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once():
+    stop = train.StopSignal()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.received == signal.SIGINT  # the loop saves a checkpoint after this step, then exits
+    with pytest.raises(SystemExit, match="SIGINT again: stopped at once"):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(interrupted):
+    assert sorted(p.name for p in (interrupted["straight"] / "checkpoints").iterdir()) == [
+        "step_11",
+        "step_12",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ security
+
+
+def test_the_hub_token_never_reaches_files_or_logs(interrupted):
+    assert FAKE_TOKEN not in interrupted["final_output"]
+    for path in interrupted["out"].rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+    assert any(interrupted["out"].rglob("events.out.tfevents.*"))  # the tracker's files were checked too
+
+
+class WritesAFileWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize(
+    ("name", "refused"),
+    [
+        ("random_states_0.pkl", None),  # loaded with weights_only=True, and optional: ignored
+        ("optimizer.bin", "UnpicklingError"),  # loaded with weights_only=True
+        ("custom_checkpoint_0.pkl", "RuntimeError: Number of custom checkpoints"),  # never loaded
+    ],
+)
+def test_resuming_never_runs_code_from_checkpoint_files(name, refused, interrupted, tmp_path):
+    # Accelerate unpickles registered objects (custom_checkpoint_N.pkl) with weights_only=False; train.py
+    # registers none, so a planted one is refused before anything is loaded.
+    checkpoint = tmp_path / "checkpoints" / "step_12"
+    shutil.copytree(interrupted["straight"] / "checkpoints" / "step_12", checkpoint)
+    marker = tmp_path / "code-ran"
+    (checkpoint / name).write_bytes(pickle.dumps(WritesAFileWhenUnpickled(marker)))
+    flags = [*KILLED, "--dataloader_num_workers", "0", "--resume_from_checkpoint", str(checkpoint)]
+    if refused is None:
+        assert train.main([*flags, "--output_dir", str(tmp_path / "run")])["global_step"] == 12
+    else:
+        message = refusal([*flags, "--output_dir", str(tmp_path / "run")])
+        assert message.startswith(f"error: cannot resume from {checkpoint} ({refused}")
+    assert not marker.exists()
