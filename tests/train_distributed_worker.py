@@ -32,6 +32,9 @@ SMALL = [
     "--dataloader_num_workers",
     "0",
     "--no-do_eval",
+    # One AcceleratorState per process: the same precision as the Accelerator built below.
+    "--mixed_precision",
+    "no",
 ]
 
 
