@@ -13,9 +13,11 @@ is a flag of the same name. Precedence: built-in defaults < `--preset` < `--conf
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -116,7 +118,7 @@ DEFAULTS: dict = {
     "per_device_train_batch_size": None,
     "total_batch_size": 256,
     "gradient_accumulation_steps": 1,
-    "num_train_epochs": 8,
+    "num_train_epochs": 6,
     "max_train_steps": None,
     "time_budget_minutes": None,
     "warmup_epochs": 1.0,
@@ -450,6 +452,8 @@ def build_dataloaders(args, accelerator):
     if workers:
         loader_kwargs["prefetch_factor"] = 4
         loader_kwargs["worker_init_fn"] = StopSignal.ignore_in_worker
+        atexit.unregister(kill_daemon_processes)
+        atexit.register(kill_daemon_processes)  # registered after multiprocessing's exit handler: runs first
     if args.streaming:
         from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
 
@@ -689,6 +693,15 @@ class StopSignal:
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
+
+
+def kill_daemon_processes() -> None:
+    """At exit, multiprocessing ends daemon processes with SIGTERM, which DataLoader workers ignore (see
+    `StopSignal.ignore_in_worker`): kill the workers of a loader that an exception left open, or the exit
+    would wait for them forever."""
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
 
 
 def main(argv: list[str] | None = None) -> dict | None:
