@@ -15,10 +15,17 @@ same CIFAR stem patch), the same projector, the official loss formula (float64 s
 (the original augments in its DataLoader workers). Both get the same batch on the host and move it
 to the device each step.
 
-Images/s counts images, each seen as two views. Variants are timed alternately after warm-up;
-the table gives the median over repeats and ours/baseline. Peak memory is the growth over the
-model's own weights during the first steps: `max_memory_allocated` on CUDA, peak RSS of a fresh
-process on CPU. Results go to `bench/results/train_step.json`.
+Images/s counts images, each seen as two views. Variants are timed alternately after warm-up, in
+a rotating order; the table gives the median over repeats, the ratio of the medians ("vs
+baseline") and the median of the per-repeat ratios (robust to a machine whose speed drifts). Peak
+memory is what the first steps add to the built model (gradients, optimizer state, activations):
+`max_memory_allocated` on CUDA, the peak RSS of a fresh process on CPU (with a fixed glibc mmap
+threshold, so that freed activations leave the RSS). FLOPs of the backbone come from
+`FlopCounterMode`; on CUDA the achieved fraction of the device's dense bf16 peak is shown.
+
+`--check_trajectory` trains our step in fp32 and in bf16 for 50 steps from the same weights on the
+same batches (the bundled data, `train.py`'s warm-up learning rates unless `--trajectory_lr`) and
+prints the largest relative difference of the losses. Results go to `bench/results/`.
 """
 
 from __future__ import annotations
@@ -358,11 +365,9 @@ def bench_case(name: str, args, device: torch.device, accelerator) -> dict:
 # bf16 vs fp32 loss trajectory
 
 
-def trajectory_batches(
-    config: CorInfoMaxConfig, batch: int, steps: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`steps` batches of uint8 crops: the bundled Fashion-MNIST through `ImageRows` (real images), or
-    random pixels when the bundled data is missing."""
+def trajectory_batches(config: CorInfoMaxConfig, batch: int, steps: int) -> tuple[list, int]:
+    """`steps` batches of uint8 crops from the bundled Fashion-MNIST through `ImageRows` (real images),
+    or of random pixels when the bundled data is missing; and the number of rows of that dataset."""
     from modeling_corinfomax.data import (  # noqa: PLC0415
         DataError,
         ExampleCollator,
@@ -376,57 +381,74 @@ def trajectory_batches(
     except DataError:
         generator = torch.Generator().manual_seed(0)
         size = config.image_size
-        return [
-            tuple(
-                torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
-                for _ in "12"
-            )
+        shape = (batch, 3, size, size)
+        views = [
+            tuple(torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator) for _ in "12")
             for _ in range(steps)
         ]
+        return views, batch * steps
     image_column, label_column = resolve_columns(train)
-    train = train.select(range(min(len(train), batch * steps)))
-    rows = ImageRows(train, image_column, label_column, config.image_size, augmentation=TwoViewAugmentation())
-    loader = torch.utils.data.DataLoader(rows, batch_size=batch, drop_last=True, collate_fn=ExampleCollator())
+    rows = len(train)
+    train = train.select(range(min(rows, batch * steps)))
+    crops = ImageRows(
+        train, image_column, label_column, config.image_size, augmentation=TwoViewAugmentation()
+    )
+    loader = torch.utils.data.DataLoader(
+        crops, batch_size=batch, drop_last=True, collate_fn=ExampleCollator()
+    )
     batches = [(b["view1"], b["view2"]) for b in loader]
-    return [batches[i % len(batches)] for i in range(steps)]
+    return [batches[i % len(batches)] for i in range(steps)], rows
 
 
 def check_trajectory(args, device: torch.device, accelerator) -> dict:
+    """The losses of our fp32 and bf16 steps over the same batches from the same initial weights."""
     name = args.cases[0]
-    preset, config, batch, lr = case_setup(name, args.batch_size, device)
-    lr = args.trajectory_lr if args.trajectory_lr is not None else lr
-    batches = trajectory_batches(config, batch, args.trajectory_steps)
+    preset, config, batch, peak_lr = case_setup(name, args.batch_size, device)
+    batches, rows = trajectory_batches(config, batch, args.trajectory_steps)
+    if args.trajectory_lr is None:  # the first steps of train.py's schedule (the warm-up) on this data
+        import train  # noqa: PLC0415
+
+        steps_per_epoch = rows // batch
+        total_steps = math.ceil(preset["num_train_epochs"] * steps_per_epoch)
+        factor = train.make_lr_lambda(argparse.Namespace(**preset), steps_per_epoch, total_steps, peak_lr)
+        lrs = [peak_lr * factor(i) for i in range(len(batches))]
+    else:
+        lrs = [args.trajectory_lr] * len(batches)
     torch.manual_seed(0)
     from modeling_corinfomax import CorInfoMaxForPreTraining  # noqa: PLC0415
 
     init = copy.deepcopy(CorInfoMaxForPreTraining(config).state_dict())
-    losses = {}
+    losses: dict[str, list[float]] = {}
     for variant, acc in (("fp32", None), ("bf16", accelerator)):
         step = TrainStep(
             config,
             TwoViewAugmentation(),
             device,
             accelerator=acc,
-            lr=lr,
+            lr=lrs[0],
             optimizer=preset["optimizer"],
             momentum=preset["momentum"],
             weight_decay=preset["weight_decay"],
             state_dict=init,
         )
-        losses[variant] = [step(*b).item() for b in batches]
+        losses[variant] = []
+        for lr, views in zip(lrs, batches):
+            for group in step.optimizer.param_groups:
+                group["lr"] = lr
+            losses[variant].append(step(*views).item())
         print(f"{variant}: first {losses[variant][0]:.6f}, last {losses[variant][-1]:.6f}", flush=True)
     rel = [abs(b - f) / abs(f) for f, b in zip(losses["fp32"], losses["bf16"])]
     worst = max(range(len(rel)), key=rel.__getitem__)
     passed = max(rel) <= args.trajectory_rtol
     print(
-        f"\nloss trajectory, {name}, batch {batch}, lr {lr:g}, {len(rel)} steps: max relative difference "
-        f"bf16 vs fp32 {max(rel):.2e} at step {worst + 1} (first step {rel[0]:.2e}, median {median(rel):.2e}); "
-        f"tolerance {args.trajectory_rtol:g}: {'PASS' if passed else 'FAIL'}"
+        f"\nloss trajectory, {name}, batch {batch}, lr {lrs[0]:.3g} to {lrs[-1]:.3g}, {len(rel)} steps: "
+        f"max relative difference bf16 vs fp32 {max(rel):.2e} at step {worst + 1} (first step {rel[0]:.2e}, "
+        f"median {median(rel):.2e}); tolerance {args.trajectory_rtol:g}: {'PASS' if passed else 'FAIL'}"
     )
     return {
         "case": name,
         "batch_size": batch,
-        "lr": lr,
+        "lr": lrs,
         "steps": len(rel),
         "loss_fp32": losses["fp32"],
         "loss_bf16": losses["bf16"],
@@ -461,7 +483,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--check_trajectory", action="store_true", help="bf16 vs fp32 loss of our step, first case"
     )
     p.add_argument("--trajectory_steps", type=int, default=50)
-    p.add_argument("--trajectory_lr", type=float, help="default: the preset's peak lr at this batch")
+    p.add_argument(
+        "--trajectory_lr",
+        type=float,
+        help="a constant lr (default: train.py's warm-up schedule for the preset)",
+    )
     p.add_argument("--trajectory_rtol", type=float, default=1e-2)
     p.add_argument("--output", help="JSON path (default bench/results/train_step.json)")
     p.add_argument("--memory_probe", help=argparse.SUPPRESS)
