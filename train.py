@@ -698,7 +698,8 @@ class StopSignal:
 def kill_daemon_processes() -> None:
     """At exit, multiprocessing ends daemon processes with SIGTERM, which DataLoader workers ignore (see
     `StopSignal.ignore_in_worker`): kill the workers of a loader that an exception left open, or the exit
-    would wait for them forever."""
+    would wait for them forever (and first stop PyTorch from reporting those deaths)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for process in multiprocessing.active_children():
         if process.daemon:
             process.kill()
@@ -709,7 +710,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         return pretrain(argv)
     except DataError as error:
-        raise SystemExit(f"error: {data_error_message(error)}") from None
+        message = data_error_message(error)
+    # Raised outside the handler, so that the failed DataLoader (its traceback holds it) is freed now and
+    # ends its workers.
+    raise SystemExit(f"error: {message}")
 
 
 def pretrain(argv: list[str] | None = None) -> dict | None:
