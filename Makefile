@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# `accelerate launch` runs a process on one CPU thread unless told otherwise.
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+
 demo: venv
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no train.py --resume_from_checkpoint latest
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process $(NPROC) \
+		--dynamo_backend no train.py --resume_from_checkpoint latest
 
 lint: venv
 	$(VENV)/bin/ruff check .

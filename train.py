@@ -44,7 +44,9 @@ from modeling_corinfomax import (
 )
 from modeling_corinfomax.data import (
     BatchViewAugment,
+    CachedRows,
     DataError,
+    DecodedImages,
     EpochShuffleSampler,
     ExampleCollator,
     ImageRows,
@@ -118,7 +120,7 @@ DEFAULTS: dict = {
     "per_device_train_batch_size": None,
     "total_batch_size": 256,
     "gradient_accumulation_steps": 1,
-    "num_train_epochs": 6,
+    "num_train_epochs": 8,
     "max_train_steps": None,
     "time_budget_minutes": None,
     "warmup_epochs": 1.0,
@@ -130,6 +132,8 @@ DEFAULTS: dict = {
     "channels_last": True,
     "torch_compile": False,
     "dataloader_num_workers": None,
+    "image_cache": "auto",
+    "image_cache_max_gb": 2.0,
     "sync_bn": False,
     # checkpoints, monitoring, output
     "output_dir": "outputs/corinfomax-demo",
@@ -223,6 +227,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--channels_last", action=bool_flag)
     g.add_argument("--torch_compile", action=bool_flag)
     g.add_argument("--dataloader_num_workers", type=int)
+    g.add_argument(
+        "--image_cache",
+        choices=["auto", "on", "off"],
+        help="decode the training split once into memory and crop whole batches (auto: when its images share "
+        "one size and fit in --image_cache_max_gb; the evaluation views are kept in memory too); off: decode "
+        "and crop per image in DataLoader workers, every epoch",
+    )
+    g.add_argument("--image_cache_max_gb", type=float, help="memory limit of --image_cache, per process")
     g.add_argument("--sync_bn", action=bool_flag)
     g = p.add_argument_group("checkpoints, monitoring and output")
     g.add_argument("--output_dir")
@@ -349,6 +361,10 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("a batch needs at least 2 images (the loss estimates a covariance): raise --total_batch_size.")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    if args.image_cache_max_gb <= 0:
+        fail(f"--image_cache_max_gb must be > 0, got {args.image_cache_max_gb}.")
+    if args.image_cache == "on" and args.streaming:
+        fail("--image_cache on needs the whole split: it cannot be used with --streaming.")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not str(args.checkpointing_steps).isdigit() or int(args.checkpointing_steps) <= 0:
             fail(
@@ -464,8 +480,12 @@ def build_dataloaders(args, accelerator):
             rows, batch_size=args.per_device_train_batch_size, drop_last=True, **loader_kwargs
         )
     else:
-        rows = ImageRows(train, augmentation=args.two_view_augmentation, seed=args.seed, **common)
-        if len(rows) < args.total_batch_size:
+        rows = None
+        if len(train) >= args.total_batch_size:  # (checked below, before decoding anything)
+            rows = decoded_rows(args, train, image_column, workers)
+        if rows is None:
+            rows = ImageRows(train, augmentation=args.two_view_augmentation, seed=args.seed, **common)
+        if len(rows) < args.total_batch_size:  # (the image cache leaves out unreadable images)
             raise DataError(
                 f"the training set has {len(rows)} images, fewer than one global batch of {args.total_batch_size}: "
                 "lower --total_batch_size/--per_device_train_batch_size or add data."
@@ -476,7 +496,12 @@ def build_dataloaders(args, accelerator):
             batch_size=args.per_device_train_batch_size,
             sampler=sampler,
             drop_last=True,
-            **loader_kwargs,
+            **(
+                # batched crops: no per-image work left for workers
+                {"collate_fn": rows.collate, "num_workers": 0, "pin_memory": loader_kwargs["pin_memory"]}
+                if isinstance(rows, DecodedImages)
+                else loader_kwargs
+            ),
         )
 
     eval_rows = None
@@ -507,6 +532,27 @@ def build_dataloaders(args, accelerator):
                 "no labelled evaluation split (%s); kNN monitoring and the final evaluation are off", error
             )
     return rows, sampler, train_loader, eval_rows, loader_kwargs
+
+
+def decoded_rows(args, train, image_column: str, workers: int) -> DecodedImages | None:
+    """The training split decoded once (`--image_cache`), or None for per-image crops in workers."""
+    if args.image_cache == "off" or args.streaming:
+        return None
+    images, _, bad, message = DecodedImages.decode(
+        train, image_column, int(args.image_cache_max_gb * 2**30), workers, args.skip_bad_images
+    )
+    if images is None:
+        if args.image_cache == "on":
+            raise DataError(
+                f"--image_cache on: {message}. Use --image_cache auto (per-image crops then) or raise "
+                "--image_cache_max_gb."
+            )
+        logger.info("--image_cache: %s; decoding and cropping per image in %d worker(s)", message, workers)
+        return None
+    logger.info("--image_cache: %s; crops are made a batch at a time", message)
+    if bad:
+        logger.warning("skipped %d unreadable image(s), first: %s", len(bad), bad[0])
+    return DecodedImages(images, args.image_size, args.two_view_augmentation, args.seed, bad)
 
 
 def labelled_rows(dataset, split: str, label_column: str, names: list[str] | None, common: dict) -> ImageRows:
@@ -739,6 +785,18 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     )
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
+    if accelerator.device.type == "cpu" and torch.get_num_threads() * local < cores:
+        logger.warning(
+            "each of the %d process(es) here computes on %d thread(s) of %d cores (OMP_NUM_THREADS=%s): "
+            "`accelerate launch` gives a process 1 thread unless passed --num_cpu_threads_per_process %d.",
+            local,
+            torch.get_num_threads(),
+            cores,
+            os.environ.get("OMP_NUM_THREADS", "unset"),
+            max(1, cores // local),
+        )
     if args.gradient_accumulation_steps > 1:
         logger.warning(
             "gradient accumulation: the CorInfoMax covariance and its log-det are estimated per micro-batch of "
@@ -803,7 +861,7 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         "epoch": 0,
         "step_in_epoch": 0,
         "skipped_steps": 0,
-        "bad_images": 0,
+        "bad_images": len(getattr(rows, "bad_images", ())),  # those the image cache left out
         "history": [],
     }
     if args.resume_from_checkpoint:
@@ -1048,11 +1106,35 @@ def projection_spectrum(model, images, args) -> torch.Tensor:
     return eigs
 
 
+def eval_split(eval_rows: dict, split: str, args, loader_kwargs) -> torch.utils.data.Dataset:
+    """The evaluation rows of `split`; with `--image_cache`, made once on first use and kept in memory."""
+    rows = eval_rows[split]
+    if isinstance(rows, ImageRows) and args.image_cache != "off":
+        max_bytes = int(args.image_cache_max_gb * 2**30)
+        cached = CachedRows.build(rows, max_bytes, loader_kwargs["num_workers"], args.skip_bad_images)
+        if cached is not None:
+            eval_rows[split] = rows = cached
+    return rows
+
+
+def eval_loader_kwargs(rows, loader_kwargs: dict) -> dict:
+    """In-memory rows need no workers."""
+    if isinstance(getattr(rows, "dataset", rows), CachedRows):
+        return {
+            "num_workers": 0,
+            "collate_fn": loader_kwargs["collate_fn"],
+            "pin_memory": loader_kwargs["pin_memory"],
+        }
+    return loader_kwargs
+
+
 def eval_features(model, rows, args, accelerator, loader_kwargs):
     """Backbone features of un-augmented images (for kNN and the linear probe)."""
     from modeling_corinfomax.evaluation import extract_features  # noqa: PLC0415
 
-    loader = torch.utils.data.DataLoader(rows, batch_size=256, shuffle=False, **loader_kwargs)
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=256, shuffle=False, **eval_loader_kwargs(rows, loader_kwargs)
+    )
     loader = accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
     return extract_features(
         model,
@@ -1087,9 +1169,10 @@ def monitor_knn(model, eval_rows, args, accelerator, loader_kwargs) -> float:
     from modeling_corinfomax.evaluation import knn_accuracy  # noqa: PLC0415
 
     n = args.max_eval_samples or len(eval_rows["test"])
-    subset = {
-        k: torch.utils.data.Subset(eval_rows[k], range(min(n, len(eval_rows[k])))) for k in ("train", "test")
-    }
+    subset = {}
+    for k in ("train", "test"):
+        rows = eval_split(eval_rows, k, args, loader_kwargs)
+        subset[k] = torch.utils.data.Subset(rows, range(min(n, len(rows))))
     xtr, ytr = eval_features(model.corinfomax, subset["train"], args, accelerator, loader_kwargs)
     xte, yte = eval_features(model.corinfomax, subset["test"], args, accelerator, loader_kwargs)
     num_classes = eval_rows["num_classes"]
@@ -1120,6 +1203,9 @@ def finish(
     }
     if eval_rows is not None and args.do_eval:
         num_classes = eval_rows["num_classes"]
+
+        for split in ("train", "test"):
+            eval_split(eval_rows, split, args, loader_kwargs)
 
         def features_of(encoder):
             return lambda split: eval_features(encoder, eval_rows[split], args, accelerator, loader_kwargs)

@@ -128,7 +128,15 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process so far.
+
+    `VmHWM` rather than `getrusage`'s `ru_maxrss`: a child started from a big process inherits the
+    parent's peak in `ru_maxrss` (across fork and exec); `VmHWM` starts afresh at exec.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

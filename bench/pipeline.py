@@ -2,13 +2,15 @@
 """What the data pipeline costs: `train.py`-style end-to-end images/s against the pure compute step.
 
     python bench/pipeline.py                          # bundled Fashion-MNIST, the demo's settings
-    python bench/pipeline.py --workers 0 1 2          # worker counts to compare
+    python bench/pipeline.py --image_cache off --workers 0 1 2   # per-image crops, worker counts
     python bench/pipeline.py --synthetic 4096         # random 32x32 PNGs in an image folder instead
     python bench/pipeline.py --mixed_precision bf16   # a faster step makes the pipeline's share larger
 
 The settings are `train.DEFAULTS` (the no-argument demo), and the loader is the one `train.py`
-builds (`train.build_dataloaders`: `ImageRows` decode + two random-resized crops per image in the
-workers, `ExampleCollator`, `EpochShuffleSampler`, prepared by Accelerate). Per repeat, alternately:
+builds (`train.build_dataloaders`, prepared by Accelerate), in the two modes of `--image_cache`:
+`on`, the split decoded once and both views' crops made a batch at a time in the main process
+(`DecodedImages`, what the demo uses), and `off`, decode + two random-resized crops per image in
+DataLoader workers (`ImageRows`, `ExampleCollator`). Per repeat, alternately:
 
 - end to end: a fresh epoch iterator (`train.py` restarts its workers every epoch), the time to the
   first batch (worker start-up), then `--steps` training steps fed by the loader;
@@ -61,11 +63,12 @@ def write_synthetic_imagefolder(root: Path, n: int, size: int) -> Path:
     return root
 
 
-def train_args(args, workers: int, data_dir: Path | None, output_dir: str):
+def train_args(args, workers: int, image_cache: str, data_dir: Path | None, output_dir: str):
     """`train.py`'s own resolved arguments for the demo, with the few overrides of this benchmark."""
     import train  # noqa: PLC0415
 
     argv = ["--dataloader_num_workers", str(workers), "--output_dir", output_dir, "--no-do_eval"]
+    argv += ["--image_cache", image_cache]
     if data_dir is not None:
         argv += ["--train_dir", str(data_dir), "--validation_split", "train"]
     if args.max_train_samples:
@@ -79,11 +82,15 @@ def train_args(args, workers: int, data_dir: Path | None, output_dir: str):
     return targs
 
 
-def bench_workers(args, workers: int, data_dir: Path | None, accelerator, scratch: str) -> dict:
+def bench_workers(
+    args, workers: int, image_cache: str, data_dir: Path | None, accelerator, scratch: str
+) -> dict:
     import train  # noqa: PLC0415
 
-    targs = train_args(args, workers, data_dir, scratch)
+    targs = train_args(args, workers, image_cache, data_dir, scratch)
+    started = time.perf_counter()
     rows, sampler, loader, _, _ = train.build_dataloaders(targs, accelerator)
+    build_s = time.perf_counter() - started  # loading the dataset, and decoding it for the image cache
     loader = accelerator.prepare(loader)
     peak_lr = targs.learning_rate * targs.total_batch_size / targs.lr_reference_batch_size
     step = TrainStep(
@@ -104,8 +111,9 @@ def bench_workers(args, workers: int, data_dir: Path | None, accelerator, scratc
     steps = min(args.steps, len(loader) - 1)
 
     # Pre-made inputs from the same loader, and the one-core costs of the two pipeline stages.
+    collate = rows.collate if isinstance(rows, train.DecodedImages) else train.ExampleCollator()
     single = torch.utils.data.DataLoader(
-        rows, batch_size=batch_size, sampler=sampler, collate_fn=train.ExampleCollator(), num_workers=0
+        rows, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=0
     )
     it = iter(single)
     started = time.perf_counter()
@@ -158,6 +166,9 @@ def bench_workers(args, workers: int, data_dir: Path | None, accelerator, scratc
     per_epoch_e2e = (startup + epoch_steps * t["end_to_end"]) / epoch_steps
     return {
         "workers": workers,
+        "image_cache": image_cache,
+        "cached": isinstance(rows, train.DecodedImages),
+        "build_loader_s": build_s,
         "dataset_rows": len(rows),
         "batch_size": batch_size,
         "steps_per_repeat": steps,
@@ -172,7 +183,8 @@ def bench_workers(args, workers: int, data_dir: Path | None, accelerator, scratc
         "augment_two_views_s": augment_s,
         "load_average_1m": [round(load_before, 2), round(load_after, 2)],
         "row": {
-            "workers": workers,
+            "image cache": image_cache,
+            "workers": 0 if isinstance(rows, train.DecodedImages) else workers,  # of the training loader
             "e2e img/s": batch_size / t["end_to_end"],
             "compute+aug img/s": batch_size / t["compute_and_augment"],
             "compute img/s": batch_size / t["compute"],
@@ -182,6 +194,7 @@ def bench_workers(args, workers: int, data_dir: Path | None, accelerator, scratc
             "share per epoch": 1 - t["compute"] / per_epoch_e2e,
             "batch on 1 core s": produce_s,
             "augment s": augment_s,
+            "load data s": build_s,
             "load": f"{load_before:.2f}/{load_after:.2f}",
         },
     }
@@ -190,10 +203,17 @@ def bench_workers(args, workers: int, data_dir: Path | None, accelerator, scratc
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
+        "--image_cache",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on", "off"],
+        help="train.py's --image_cache modes to compare (on: batched crops of the decoded split)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         nargs="+",
-        help="DataLoader worker counts (default: 0 and train.py's choice for this machine)",
+        help="DataLoader worker counts with --image_cache off (default: train.py's choice for this machine)",
     )
     p.add_argument("--synthetic", type=int, metavar="N", help="use N random PNGs instead of the bundled data")
     p.add_argument("--synthetic_size", type=int, default=32, help="side of the synthetic images")
@@ -217,8 +237,7 @@ def main(argv=None) -> None:
     mixed_precision = args.mixed_precision or train.DEFAULTS["mixed_precision"]
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if args.workers is None:  # train.py's rule for one process
-        default = max(1, min(8, (os.cpu_count() or 2) // accelerator.num_processes - 1))
-        args.workers = sorted({0, default})
+        args.workers = [max(1, min(8, (os.cpu_count() or 2) // accelerator.num_processes - 1))]
     load = wait_for_quiet(args.max_load)
     info = machine_info(accelerator.device)
     info["load_average_1m_when_started_timing"] = round(load, 2)
@@ -229,7 +248,10 @@ def main(argv=None) -> None:
             data_dir = write_synthetic_imagefolder(
                 Path(scratch) / "images", args.synthetic, args.synthetic_size
             )
-        results = [bench_workers(args, w, data_dir, accelerator, scratch) for w in args.workers]
+        # With the cache the training loader has no workers (the decoding uses train.py's default).
+        configs = [("on", args.workers[0])] if "on" in args.image_cache else []
+        configs += [("off", w) for w in args.workers] if "off" in args.image_cache else []
+        results = [bench_workers(args, w, cache, data_dir, accelerator, scratch) for cache, w in configs]
     first = results[0]
     print_table(
         [r["row"] for r in results],

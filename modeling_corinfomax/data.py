@@ -1,13 +1,15 @@
 """Data for CorInfoMax: `datasets` loading, image modes, and the paper's two-view augmentation.
 
 The pipeline is split so that the expensive part runs batched:
-- in DataLoader workers, per image: decode, convert to RGB, random-resized-crop + flip twice, as uint8
-  tensors (`TwoViewDataset`);
+- decode and crop: either per image in DataLoader workers (decode, convert to RGB, random-resized-crop +
+  flip twice, as uint8 tensors: `ImageRows`), or, for a split of same-size images that fits in memory,
+  decoded once into one uint8 tensor and cropped a whole batch at a time with the same antialiased
+  bicubic resampling (`DecodedImages`, `batched_resized_crop`): no per-image work during training;
 - in the training step, per batch, on the training device: colour jitter, grayscale, Gaussian blur,
   solarisation and normalisation with per-sample random parameters (`BatchViewAugment`).
 
-Every random draw is a function of `(seed, epoch, sample index)` or `(seed, step, rank)`, so an
-interrupted and resumed run sees exactly the same views.
+Every random draw is a function of `(seed, epoch, sample index)`, `(seed, epoch, batch)` or
+`(seed, step, rank)`, so an interrupted and resumed run sees exactly the same views.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -344,7 +346,7 @@ class ImageRows(torch.utils.data.Dataset):
     """Map-style view of a `datasets.Dataset` that yields dicts of uint8 image tensors.
 
     `mode="two_view"` yields `view1`, `view2` (random crops); `mode="eval"` yields `pixel_values`
-    (resize + centre crop). Undecodable images become `{"error": ...}` rows that the collate function
+    (resize + centre crop); `mode="decode"` yields the decoded image as is. Undecodable images become `{"error": ...}` rows that the collate function
     reports or skips, so a bad file never surfaces as a bare worker traceback.
     """
 
@@ -359,8 +361,8 @@ class ImageRows(torch.utils.data.Dataset):
         seed: int = 0,
         labels: list[int] | None = None,
     ):
-        if mode not in ("two_view", "eval"):
-            raise ValueError(f"mode={mode!r}: use 'two_view' or 'eval'.")
+        if mode not in ("two_view", "eval", "decode"):
+            raise ValueError(f"mode={mode!r}: use 'two_view', 'eval' or 'decode'.")
         dataset = undecoded_columns(dataset, image_column, label_column)
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.image_size, self.mode, self.seed, self.epoch = image_size, mode, seed, 0
@@ -418,6 +420,8 @@ def make_example(row, index, image_column, label_column, image_size, mode, augme
     example = {"index": index, "labels": -1 if label is None else int(label)}
     if mode == "eval":
         example["pixel_values"] = eval_view(image, image_size)
+    elif mode == "decode":
+        example["pixel_values"] = image
     else:
         generator = torch.Generator().manual_seed(seed)
         example["view1"] = crop_view(image, image_size, augmentation.view1, generator)
@@ -509,6 +513,255 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     def __iter__(self):
         generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, 0x5A))
         return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoded-once splits: the whole split in one uint8 tensor, crops made a batch at a time
+
+
+def _bicubic_aa(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    # Keys' cubic with a = -0.5: the kernel of PIL's and PyTorch's antialiased bicubic resampling.
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """Per-sample matrices (B, out_size, in_size) that resample the window `[start, start + length)` of
+    an axis of `in_size` pixels to `out_size` pixels, as `F.interpolate(mode="bicubic", antialias=True)`
+    does for the cropped window (the filter widens by the downscaling factor; each row sums to 1)."""
+    start, length = start.double(), length.double()
+    scale = (length / out_size)[:, None, None]
+    support = 2.0 * scale.clamp(min=1.0)
+    center = scale * (torch.arange(out_size, dtype=torch.float64, device=start.device)[None, :, None] + 0.5)
+    first = (center - support + 0.5).floor().clamp(min=0.0)
+    end = torch.minimum((center + support + 0.5).floor(), length[:, None, None])
+    j = torch.arange(in_size, dtype=torch.float64, device=start.device)[None, None, :] - start[:, None, None]
+    window = (j >= first) & (j < end)
+    weights = _bicubic_aa((j - center + 0.5) / scale.clamp(min=1.0)) * window
+    return (weights / weights.sum(-1, keepdim=True)).float()
+
+
+def sample_crop_boxes(
+    n: int, height: int, width: int, scale, ratio, generator: torch.Generator
+) -> tuple[torch.Tensor, ...]:
+    """`n` boxes (top, left, h, w) drawn as torchvision's RandomResizedCrop draws one: up to 10 tries of
+    an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, else the centre crop."""
+    device = generator.device
+    area = (
+        height * width * torch.empty(n, 10, device=device).uniform_(scale[0], scale[1], generator=generator)
+    )
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(torch.empty(n, 10, device=device).uniform_(log_lo, log_hi, generator=generator))
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    pick = ok.int().argmax(1, keepdim=True)  # the first successful try
+    found = ok.any(1)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w.gather(1, pick).squeeze(1), float(fw))
+    h = torch.where(found, h.gather(1, pick).squeeze(1), float(fh))
+    u = torch.rand(n, 2, device=device, generator=generator)
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), float((height - fh) // 2))
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), float((width - fw) // 2))
+    return top.long(), left.long(), h.long(), w.long()
+
+
+def batched_resized_crop(
+    images: torch.Tensor, top, left, h, w, flip: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Crop each (3, H, W) uint8 image of a batch to its own box, resize it to `size` with antialiased
+    bicubic resampling and flip it where `flip` is set: `TF.resized_crop(..., BICUBIC, antialias=True)`
+    then `TF.horizontal_flip` per image, as two batched matrix products (equal to within 1/255: PyTorch's
+    uint8 kernel uses fixed-point weights)."""
+    rows = resize_weights(top, h, images.shape[-2], size)  # (B, size, H)
+    cols = resize_weights(left, w, images.shape[-1], size)  # (B, size, W)
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
+    # Horizontal pass, rounded to 8 bits, then vertical: the order and rounding of PyTorch's (and PIL's)
+    # uint8 kernel, which the per-image path uses; a float-only pass differs by up to ~10/255 at edges.
+    x = (images.float() @ cols.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)  # (B, 3, H, size)
+    x = rows.unsqueeze(1) @ x  # (B, 3, size, size)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class Decoded(NamedTuple):
+    """What `DecodedImages.decode` returns."""
+
+    images: torch.Tensor | None  # (N, 3, H, W) uint8, or None when the split cannot be decoded into one
+    rows: torch.Tensor | None  # the dataset row of each image
+    bad_images: list[str]  # descriptions of the unreadable images left out
+    message: str  # what was decoded, or why not
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """A split of same-size images decoded once into one uint8 tensor; batches of two-view crops.
+
+    Items are indices; `collate` makes a batch's two views with `batched_resized_crop` from boxes
+    drawn as `crop_view` draws them (the random draws depend on `(seed, epoch, batch)`, so a resumed
+    run sees the same views). It yields what `ImageRows` + `ExampleCollator` yield, so the training
+    loop is the same; use it with `num_workers=0` (there is no per-image work left to spread).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        image_size: int,
+        augmentation: TwoViewAugmentation | None = None,
+        seed: int = 0,
+        bad_images: list[str] | None = None,
+    ):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images, self.image_size, self.seed, self.epoch = images, image_size, seed, 0
+        self.augmentation = augmentation or TwoViewAugmentation()
+        self.bad_images = bad_images or []  # what `decode` left out
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> int:
+        return int(index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def collate(self, indices: list[int]) -> dict:
+        index = torch.tensor(indices, dtype=torch.long)
+        images = self.images[index]
+        generator = torch.Generator().manual_seed(
+            _sample_seed(self.seed, self.epoch, indices[0], len(indices))
+        )
+        batch: dict[str, Any] = {"bad_images": [], "labels": torch.full_like(index, -1), "index": index}
+        height, width = images.shape[-2:]
+        for key, aug in (("view1", self.augmentation.view1), ("view2", self.augmentation.view2)):
+            boxes = sample_crop_boxes(len(indices), height, width, aug.crop_scale, (3 / 4, 4 / 3), generator)
+            flip = torch.rand(len(indices), generator=generator) < aug.flip_p
+            batch[key] = batched_resized_crop(images, *boxes, flip, self.image_size)
+        return batch
+
+    @staticmethod
+    def decode(
+        dataset,
+        image_column: str,
+        max_bytes: int,
+        num_workers: int = 0,
+        skip_bad_images: bool = False,
+    ) -> Decoded:
+        """Decode every image of `dataset` into one (N, 3, H, W) uint8 tensor.
+
+        `images` is None, and `message` says why, when the images differ in size or would take more
+        than `max_bytes`. An unreadable image raises `DataError`, or with `skip_bad_images` is left out
+        and described in `bad_images`; `rows` are the dataset rows of `images`.
+        """
+        rows = ImageRows(dataset, image_column, None, 0, mode="decode")
+        loader = torch.utils.data.DataLoader(
+            rows,
+            batch_size=512,
+            num_workers=num_workers,
+            collate_fn=_stack_decoded,
+            prefetch_factor=4 if num_workers else None,
+        )
+        images, bad, position, kept = None, [], 0, []
+        for batch in loader:
+            for example in batch["errors"]:
+                if not skip_bad_images:
+                    ExampleCollator()([example])  # raises the usual DataError
+                bad.append(example["error"])
+            pixels = batch["pixel_values"]
+            if isinstance(pixels, list):  # the worker found images of different sizes
+                a, b = pixels[0].shape[-2:], next(p.shape[-2:] for p in pixels if p.shape != pixels[0].shape)
+                return Decoded(None, None, bad, f"images differ in size ({tuple(a)} and {tuple(b)})")
+            if not len(pixels):
+                continue
+            if images is None:
+                need = len(rows) * pixels[0].numel()
+                if need > max_bytes:
+                    limit = f"{need / 2**30:.2f} GiB, over the {max_bytes / 2**30:.2f} GiB limit"
+                    return Decoded(None, None, bad, f"decoded, the split would take {limit}")
+                images = torch.empty((len(rows), *pixels.shape[1:]), dtype=torch.uint8)
+            elif pixels.shape[1:] != images.shape[1:]:
+                a, b = tuple(images.shape[-2:]), tuple(pixels.shape[-2:])
+                return Decoded(None, None, bad, f"images differ in size ({a} and {b})")
+            images[position : position + len(pixels)] = pixels
+            position += len(pixels)
+            kept.append(batch["index"])
+        if images is None:
+            raise DataError(
+                f"no image of the training split could be read ({len(bad)} skipped, first: "
+                f"{bad[0] if bad else '-'}): check the files and --image_column."
+            )
+        images = images[:position]
+        size = f"{images.shape[-1]}x{images.shape[-2]} px ({images.numel() / 2**20:.0f} MiB)"
+        return Decoded(images, torch.cat(kept), bad, f"decoded {position} images of {size}")
+
+
+def _stack_decoded(examples: list[dict]) -> dict:
+    """Decoded images as one tensor when they share a size (a tensor per image would cross from a worker
+    to the main process one shared-memory file at a time: 5x slower than decoding them), and the errors."""
+    good = [e["pixel_values"] for e in examples if "error" not in e]
+    errors = [e for e in examples if "error" in e]
+    if len({p.shape for p in good}) > 1:
+        return {"pixel_values": good, "errors": errors}
+    return {
+        "pixel_values": torch.stack(good) if good else torch.empty(0, dtype=torch.uint8),
+        "index": torch.tensor([e["index"] for e in examples if "error" not in e], dtype=torch.long),
+        "errors": errors,
+    }
+
+
+class CachedRows(torch.utils.data.Dataset):
+    """The examples of an `ImageRows(mode="eval")`, made once and kept in memory as uint8 tensors, so
+    that repeated passes (kNN monitoring, the final evaluation and its baselines) decode nothing again.
+    Items are what `ImageRows` yields, for `ExampleCollator`; use it with `num_workers=0`."""
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor, index: torch.Tensor):
+        self.pixel_values, self.index = pixel_values, index
+        self.labels = labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.pixel_values)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": int(self.index[i]), "labels": self.labels[i], "pixel_values": self.pixel_values[i]}
+
+    @classmethod
+    def build(
+        cls, rows: ImageRows, max_bytes: int, num_workers: int = 0, skip_bad_images: bool = False
+    ) -> CachedRows | None:
+        """Run through `rows` once; None when the views would take more than `max_bytes`. Unreadable
+        images raise `DataError`, or with `skip_bad_images` are left out."""
+        if len(rows) * 3 * rows.image_size**2 > max_bytes:
+            return None
+        # Same-size images: decoded once, then resized and centre-cropped a whole batch at a time.
+        decoded = DecodedImages.decode(
+            rows.dataset, rows.image_column, max_bytes, num_workers, skip_bad_images
+        )
+        if decoded.images is not None:
+            views = torch.cat([eval_view(chunk, rows.image_size) for chunk in decoded.images.split(1024)])
+            labels = (
+                torch.tensor(rows.labels)[decoded.rows]
+                if rows.labels is not None
+                else torch.full((len(views),), -1, dtype=torch.long)
+            )
+            return cls(views, labels, decoded.rows)
+        loader = torch.utils.data.DataLoader(
+            rows,
+            batch_size=512,
+            num_workers=num_workers,
+            collate_fn=ExampleCollator(skip_bad_images),
+            prefetch_factor=4 if num_workers else None,
+        )
+        batches = [b for b in loader if "pixel_values" in b]
+        if not batches:
+            raise DataError(f"none of the {len(rows)} evaluation images could be read")
+        return cls(*(torch.cat([b[k] for b in batches]) for k in ("pixel_values", "labels", "index")))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -626,13 +879,16 @@ def normalize_batch(images: torch.Tensor, mean, std, memory_format=torch.contigu
 __all__ = [
     "BUNDLED_DATA_DIR",
     "BatchViewAugment",
+    "CachedRows",
     "DataError",
+    "DecodedImages",
     "EpochShuffleSampler",
     "ExampleCollator",
     "ImageRows",
     "StreamingImageRows",
     "TwoViewAugmentation",
     "ViewAugmentation",
+    "batched_resized_crop",
     "class_indices",
     "class_names",
     "crop_view",
@@ -644,6 +900,8 @@ __all__ = [
     "make_example",
     "normalize_batch",
     "random_resized_crop_params",
+    "resize_weights",
     "resolve_columns",
+    "sample_crop_boxes",
     "to_rgb",
 ]

@@ -102,10 +102,13 @@ def test_unusual_image_modes_are_converted_to_rgb(image_folder):
     assert np.asarray(images["cmyk.jpg"])[0, 0].tolist() == [255, 0, 0]
 
 
-def test_unreadable_images_end_the_run_with_one_line_that_names_a_file(image_folder, tmp_path):
-    # The error is raised in a DataLoader worker process; it must reach the user as one clean line, and
-    # the program must exit (the worker ignores SIGTERM, which multiprocessing uses to end it at exit).
+@pytest.mark.parametrize("image_cache", ["on", "off"])
+def test_unreadable_images_end_the_run_with_one_line_that_names_a_file(image_cache, image_folder, tmp_path):
+    # The error is raised in a DataLoader worker process (while decoding the split for the image cache,
+    # or mid-epoch without it); it must reach the user as one clean line, and the program must exit (the
+    # worker ignores SIGTERM, which multiprocessing uses to end it at exit).
     flags = ["--train_dir", str(image_folder), "--dataloader_num_workers", "1", "--max_train_steps", "2"]
+    flags += ["--image_cache", image_cache]
     result = run_train([*FAST, *flags, "--output_dir", str(tmp_path / "run")])
     [message] = [line.split("error: ", 1)[1] for line in result.stderr.splitlines() if "error: " in line]
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -113,9 +116,11 @@ def test_unreadable_images_end_the_run_with_one_line_that_names_a_file(image_fol
     assert any(name in message for name in UNREADABLE)
 
 
-def test_skip_bad_images_skips_counts_and_logs_them(image_folder, tmp_path, caplog):
+@pytest.mark.parametrize("image_cache", ["on", "off"])
+def test_skip_bad_images_skips_counts_and_logs_them(image_cache, image_folder, tmp_path, caplog):
     out = tmp_path / "run"
     flags = [*FAST, "--train_dir", str(image_folder), "--max_train_steps", "2", "--skip_bad_images"]
+    flags += ["--image_cache", image_cache]
     results = train.main([*flags, "--output_dir", str(out)])
     # One epoch reads each file once: exactly the 4 unreadable ones are skipped, the 4 convertible are used.
     assert results["global_step"] == 2 and results["bad_images"] == 4

@@ -147,8 +147,10 @@ def test_small_run_writes_a_loadable_model_and_all_outputs(tmp_path):
     assert int(pretraining.loss_fn.num_updates) == 3  # the loss state travels with the weights
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("image_cache", ["on", "off"])  # batched crops of decoded images, per-image crops
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(image_cache, tmp_path):
     common = [*SMALL, "--max_train_steps", "8", "--checkpointing_steps", "2", "--dataloader_num_workers", "1"]
+    common += ["--image_cache", image_cache]
     straight = tmp_path / "straight"
     assert run_train([*common, "--output_dir", str(straight)]).returncode == 0
 
