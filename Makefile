@@ -38,7 +38,9 @@ test: lint
 bench: venv
 	$(PY) bench/loss.py
 	$(PY) bench/train_step.py
+	$(PY) bench/train_step.py --check_trajectory
 	$(PY) bench/pipeline.py
+	$(PY) bench/scaling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -568,6 +568,25 @@ def labelled_rows(dataset, split: str, label_column: str, names: list[str] | Non
     return ImageRows(dataset, mode="eval", labels=labels, **common)
 
 
+# Our names -> timm's: timm's "sgd" is Nesterov SGD; the paper (and `--optimizer sgd`) uses plain momentum.
+TIMM_OPTIMIZERS = {"sgd": "momentum", "lars": "lars"}
+
+
+def make_optimizer(
+    model, name: str, lr: float, momentum: float, weight_decay: float, exclude_bias_and_norm: bool
+):
+    """timm's optimizer factory (`sgd`: `torch.optim.SGD` with plain momentum, as the paper; `lars`: timm's
+    LARS); weight decay is left off biases and norm weights when `exclude_bias_and_norm` is set."""
+    return create_optimizer_v2(
+        model,
+        opt=TIMM_OPTIMIZERS[name],
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        filter_bias_and_bn=exclude_bias_and_norm,
+    )
+
+
 def make_lr_lambda(args, steps_per_epoch: int, total_steps: int, peak_lr: float):
     """Linear warmup from `warmup_start_lr` to the peak, then cosine to `min_lr` (per optimisation step)."""
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
@@ -832,13 +851,8 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(
-        model,
-        opt=args.optimizer,
-        lr=peak_lr,
-        weight_decay=args.weight_decay,
-        momentum=args.momentum,
-        filter_bias_and_bn=args.exclude_bias_and_norm_from_wd,
+    optimizer = make_optimizer(
+        model, args.optimizer, peak_lr, args.momentum, args.weight_decay, args.exclude_bias_and_norm_from_wd
     )
     steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps if sampler is not None else None
     if steps_per_epoch is not None:

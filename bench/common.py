@@ -24,8 +24,8 @@ if str(ROOT) not in sys.path:  # `python bench/x.py` from anywhere finds the pac
     sys.path.insert(0, str(ROOT))
 
 from accelerate import Accelerator  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
 
+import train  # noqa: E402
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxForPreTraining  # noqa: E402
 from modeling_corinfomax.data import BatchViewAugment, TwoViewAugmentation  # noqa: E402
 
@@ -203,13 +203,8 @@ class TrainStep:
             model.load_state_dict(state_dict)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.optimizer = create_optimizer_v2(
-            model,
-            opt=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            filter_bias_and_bn=exclude_bias_and_norm_from_wd,
+        self.optimizer = train.make_optimizer(
+            model, optimizer, lr, momentum, weight_decay, exclude_bias_and_norm_from_wd
         )
         if accelerator is not None:
             model, self.optimizer = accelerator.prepare(model, self.optimizer)

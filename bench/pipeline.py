@@ -234,7 +234,11 @@ def main(argv=None) -> None:
 
     import train  # noqa: PLC0415
 
-    mixed_precision = args.mixed_precision or train.DEFAULTS["mixed_precision"]
+    # The demo's precision as train.py resolves it (bf16 for the bundled data, the launcher's otherwise).
+    resolved = train.parse_args(
+        ["--output_dir", tempfile.gettempdir()] + (["--train_dir", "."] if args.synthetic else [])
+    )
+    mixed_precision = args.mixed_precision or resolved.mixed_precision
     accelerator = Accelerator(mixed_precision=mixed_precision)
     if args.workers is None:  # train.py's rule for one process
         args.workers = [max(1, min(8, (os.cpu_count() or 2) // accelerator.num_processes - 1))]

@@ -23,9 +23,12 @@ memory is what the first steps add to the built model (gradients, optimizer stat
 threshold, so that freed activations leave the RSS). FLOPs of the backbone come from
 `FlopCounterMode`; on CUDA the achieved fraction of the device's dense bf16 peak is shown.
 
-`--check_trajectory` trains our step in fp32 and in bf16 for 50 steps from the same weights on the
-same batches (the bundled data, `train.py`'s warm-up learning rates unless `--trajectory_lr`) and
-prints the largest relative difference of the losses. Results go to `bench/results/`.
+`--check_trajectory` trains our step in fp32 and in bf16 for 50 steps from the same weights on the same
+batches (the bundled data, `train.py`'s warm-up learning rates unless `--trajectory_lr`), and a control:
+the fp32 step again, from the initial weights rounded to bf16 once. Early CorInfoMax training is chaotic
+(the loss spikes as the covariance estimates move), so any perturbation grows; bf16 passes when the first
+step agrees to bf16 precision and its deviation from fp32 over the 50 steps is no larger than the
+control's (median relative difference within 2x). Results go to `bench/results/`.
 """
 
 from __future__ import annotations
@@ -418,8 +421,14 @@ def check_trajectory(args, device: torch.device, accelerator) -> dict:
     from modeling_corinfomax import CorInfoMaxForPreTraining  # noqa: PLC0415
 
     init = copy.deepcopy(CorInfoMaxForPreTraining(config).state_dict())
+    rounded = {k: v.bfloat16().to(v.dtype) if v.is_floating_point() and v.dtype != torch.float64 else v
+               for k, v in init.items()}  # fmt: skip
     losses: dict[str, list[float]] = {}
-    for variant, acc in (("fp32", None), ("bf16", accelerator)):
+    for variant, acc, weights in (
+        ("fp32", None, init),
+        ("bf16", accelerator, init),
+        ("control", None, rounded),
+    ):
         step = TrainStep(
             config,
             TwoViewAugmentation(),
@@ -429,7 +438,7 @@ def check_trajectory(args, device: torch.device, accelerator) -> dict:
             optimizer=preset["optimizer"],
             momentum=preset["momentum"],
             weight_decay=preset["weight_decay"],
-            state_dict=init,
+            state_dict=weights,
         )
         losses[variant] = []
         for lr, views in zip(lrs, batches):
@@ -437,13 +446,26 @@ def check_trajectory(args, device: torch.device, accelerator) -> dict:
                 group["lr"] = lr
             losses[variant].append(step(*views).item())
         print(f"{variant}: first {losses[variant][0]:.6f}, last {losses[variant][-1]:.6f}", flush=True)
-    rel = [abs(b - f) / abs(f) for f, b in zip(losses["fp32"], losses["bf16"])]
+
+    def relative(variant: str) -> list[float]:
+        return [abs(b - f) / abs(f) for f, b in zip(losses["fp32"], losses[variant])]
+
+    rel, control = relative("bf16"), relative("control")
     worst = max(range(len(rel)), key=rel.__getitem__)
-    passed = max(rel) <= args.trajectory_rtol
+    last = {v: sum(losses[v][-10:]) / 10 for v in losses}
+    first_ok = rel[0] <= args.trajectory_rtol
+    spread_ok = median(rel) <= 2 * median(control)
+    passed = first_ok and spread_ok
     print(
-        f"\nloss trajectory, {name}, batch {batch}, lr {lrs[0]:.3g} to {lrs[-1]:.3g}, {len(rel)} steps: "
-        f"max relative difference bf16 vs fp32 {max(rel):.2e} at step {worst + 1} (first step {rel[0]:.2e}, "
-        f"median {median(rel):.2e}); tolerance {args.trajectory_rtol:g}: {'PASS' if passed else 'FAIL'}"
+        f"\nloss trajectory, {name}, batch {batch}, lr {lrs[0]:.3g} to {lrs[-1]:.3g}, {len(rel)} steps\n"
+        f"  first step: bf16 vs fp32 {rel[0]:.2e} (tolerance {args.trajectory_rtol:g}: "
+        f"{'ok' if first_ok else 'FAIL'})\n"
+        f"  median relative difference: bf16 vs fp32 {median(rel):.2e}, control vs fp32 {median(control):.2e} "
+        f"({'ok' if spread_ok else 'FAIL'}: bf16 within 2x of the control)\n"
+        f"  largest: bf16 {max(rel):.2e} at step {worst + 1}, control {max(control):.2e}\n"
+        f"  mean loss of the last 10 steps: fp32 {last['fp32']:.4f}, bf16 {last['bf16']:.4f}, "
+        f"control {last['control']:.4f}\n"
+        f"  {'PASS' if passed else 'FAIL'}"
     )
     return {
         "case": name,
@@ -452,9 +474,14 @@ def check_trajectory(args, device: torch.device, accelerator) -> dict:
         "steps": len(rel),
         "loss_fp32": losses["fp32"],
         "loss_bf16": losses["bf16"],
+        "loss_control": losses["control"],
         "relative_difference": rel,
+        "relative_difference_control": control,
         "max_relative_difference": max(rel),
-        "rtol": args.trajectory_rtol,
+        "median_relative_difference": median(rel),
+        "median_relative_difference_control": median(control),
+        "mean_last_10": last,
+        "rtol_first_step": args.trajectory_rtol,
         "passed": passed,
     }
 
@@ -488,7 +515,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         help="a constant lr (default: train.py's warm-up schedule for the preset)",
     )
-    p.add_argument("--trajectory_rtol", type=float, default=1e-2)
+    p.add_argument(
+        "--trajectory_rtol",
+        type=float,
+        default=1e-3,
+        help="tolerance of the first step's relative difference",
+    )
     p.add_argument("--output", help="JSON path (default bench/results/train_step.json)")
     p.add_argument("--memory_probe", help=argparse.SUPPRESS)
     return p.parse_args(argv)
