@@ -568,6 +568,11 @@ def labelled_rows(dataset, split: str, label_column: str, names: list[str] | Non
     return ImageRows(dataset, mode="eval", labels=labels, **common)
 
 
+def peak_learning_rate(args) -> float:
+    """`--learning_rate` is the rate at `--lr_reference_batch_size`; it scales linearly with the global batch."""
+    return args.learning_rate * args.total_batch_size / args.lr_reference_batch_size
+
+
 # Our names -> timm's: timm's "sgd" is Nesterov SGD; the paper (and `--optimizer sgd`) uses plain momentum.
 TIMM_OPTIMIZERS = {"sgd": "momentum", "lars": "lars"}
 
@@ -840,7 +845,7 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     args.total_batch_size = (
         args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     )
-    peak_lr = args.learning_rate * args.total_batch_size / args.lr_reference_batch_size
+    peak_lr = peak_learning_rate(args)
 
     rows, sampler, train_loader, eval_rows, loader_kwargs = build_dataloaders(args, accelerator)
 

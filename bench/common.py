@@ -225,6 +225,24 @@ class TrainStep:
         self.generator = torch.Generator(device=device)
         self.step_count = 0
 
+    @classmethod
+    def from_args(cls, targs, device: torch.device, accelerator: Accelerator | None = None) -> TrainStep:
+        """The step for `train.parse_args(...)`'s resolved arguments, at train.py's peak learning rate."""
+        return cls(
+            targs.model_config,
+            targs.two_view_augmentation,
+            device,
+            accelerator=accelerator,
+            lr=train.peak_learning_rate(targs),
+            optimizer=targs.optimizer,
+            momentum=targs.momentum,
+            weight_decay=targs.weight_decay,
+            exclude_bias_and_norm_from_wd=targs.exclude_bias_and_norm_from_wd,
+            channels_last=targs.channels_last,
+            compile=targs.torch_compile,
+            seed=targs.seed,
+        )
+
     def views(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, 3, H, W) crops -> the two normalised float views on the device."""
         self.generator.manual_seed(hash((self.seed, self.step_count, 0)) & 0x7FFFFFFF)

@@ -91,27 +91,13 @@ def bench_workers(
     started = time.perf_counter()
     rows, sampler, loader, _, _ = train.build_dataloaders(targs, accelerator)
     build_s = time.perf_counter() - started  # loading the dataset, and decoding it for the image cache
+    collate = loader.collate_fn  # train.py's: per-image rows' collator, or the decoded split's batched crops
     loader = accelerator.prepare(loader)
-    peak_lr = targs.learning_rate * targs.total_batch_size / targs.lr_reference_batch_size
-    step = TrainStep(
-        targs.model_config,
-        targs.two_view_augmentation,
-        accelerator.device,
-        accelerator=accelerator,
-        lr=peak_lr,
-        optimizer=targs.optimizer,
-        momentum=targs.momentum,
-        weight_decay=targs.weight_decay,
-        exclude_bias_and_norm_from_wd=targs.exclude_bias_and_norm_from_wd,
-        channels_last=targs.channels_last,
-        compile=targs.torch_compile,
-        seed=targs.seed,
-    )
+    step = TrainStep.from_args(targs, accelerator.device, accelerator)
     device, batch_size = accelerator.device, targs.per_device_train_batch_size
     steps = min(args.steps, len(loader) - 1)
 
     # Pre-made inputs from the same loader, and the one-core costs of the two pipeline stages.
-    collate = rows.collate if isinstance(rows, train.DecodedImages) else train.ExampleCollator()
     single = torch.utils.data.DataLoader(
         rows, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=0
     )

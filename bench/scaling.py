@@ -58,21 +58,6 @@ def crops(batch: int, size: int, device) -> list[torch.Tensor]:
     ]
 
 
-def make_step(targs, device, accelerator) -> TrainStep:
-    peak_lr = targs.learning_rate * targs.total_batch_size / targs.lr_reference_batch_size
-    return TrainStep(
-        targs.model_config,
-        targs.two_view_augmentation,
-        device,
-        accelerator=accelerator,
-        lr=peak_lr,
-        optimizer=targs.optimizer,
-        momentum=targs.momentum,
-        weight_decay=targs.weight_decay,
-        channels_last=targs.channels_last,
-    )
-
-
 def time_steps(variants: dict, args, device) -> dict[str, float]:
     """name -> (TrainStep, crops): median seconds per step, variants interleaved."""
     runs = {}
@@ -89,7 +74,7 @@ def sweep_dims(args, device, accelerator) -> list[dict]:
     for dim in args.dims:
         targs = demo_args(["--projector_dims", "1024", "1024", str(dim)])
         variants[str(dim)] = (
-            make_step(targs, device, accelerator),
+            TrainStep.from_args(targs, device, accelerator),
             crops(targs.total_batch_size, targs.image_size, device),
         )
     seconds = time_steps(variants, args, device)
@@ -102,7 +87,7 @@ def sweep_dims(args, device, accelerator) -> list[dict]:
 
 def sweep_batch(args, device, accelerator) -> list[dict]:
     targs = demo_args()
-    step = make_step(targs, device, accelerator)  # one model: BatchNorm and the loss take any batch
+    step = TrainStep.from_args(targs, device, accelerator)  # one model: BatchNorm and the loss take any batch
     variants = {str(b): (step, crops(b, targs.image_size, device)) for b in args.batches}
     seconds = time_steps(variants, args, device)
     base = int(args.batches[0]) / seconds[str(args.batches[0])]

@@ -313,6 +313,11 @@ def random_resized_crop_params(height: int, width: int, scale, ratio, generator:
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
             left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
             return top, left, h, w
+    return centre_crop_box(height, width, ratio)
+
+
+def centre_crop_box(height: int, width: int, ratio) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's fallback after 10 failed tries: the largest centred box of an allowed ratio."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, round(width / ratio[0])
@@ -559,18 +564,12 @@ def sample_crop_boxes(
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     pick = ok.int().argmax(1, keepdim=True)  # the first successful try
     found = ok.any(1)
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
+    ftop, fleft, fh, fw = centre_crop_box(height, width, ratio)
     w = torch.where(found, w.gather(1, pick).squeeze(1), float(fw))
     h = torch.where(found, h.gather(1, pick).squeeze(1), float(fh))
     u = torch.rand(n, 2, device=device, generator=generator)
-    top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), float((height - fh) // 2))
-    left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), float((width - fw) // 2))
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), float(ftop))
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), float(fleft))
     return top.long(), left.long(), h.long(), w.long()
 
 
