@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import itertools
 import json
 import logging
 import math
@@ -26,9 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
@@ -58,7 +60,9 @@ from modeling_corinfomax.data import (
     load_image_dataset,
     normalize_batch,
     resolve_columns,
+    split_stream,
 )
+from modeling_corinfomax.hardware import choose_cpu_threads, choose_mixed_precision
 from modeling_corinfomax.presets import PRESETS
 
 logger = logging.getLogger("corinfomax.train")
@@ -121,6 +125,7 @@ DEFAULTS: dict = {
     "total_batch_size": 256,
     "gradient_accumulation_steps": 1,
     "num_train_epochs": 8,
+    "min_train_steps": 700,
     "max_train_steps": None,
     "time_budget_minutes": None,
     "warmup_epochs": 1.0,
@@ -128,7 +133,8 @@ DEFAULTS: dict = {
     "min_lr": 1e-6,
     "seed": 0,
     # speed and distribution
-    "mixed_precision": None,
+    "mixed_precision": "auto",
+    "num_threads": None,
     "channels_last": True,
     "torch_compile": False,
     "dataloader_num_workers": None,
@@ -153,10 +159,18 @@ DEFAULTS: dict = {
     "hub_private_repo": False,
 }
 
+UNFITTED_STEPS = 10**9  # the length of a budgeted run until its step time is measured (cosine ~ flat)
 MAX_CONSECUTIVE_SKIPS = 10  # with --on_nan skip: more faults in a row mean the run has diverged
 MODEL_STAGING = ".tmp-model"  # save_pretrained writes here, then the files are renamed into --output_dir
 
 TRACKER_AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+
+# A data source given on the command line (or in --config) replaces the preset's source and everything
+# tied to it; the preset keeps the recipe's hyperparameters.
+DATA_SOURCE_KEYS = (
+    "dataset_name", "dataset_config_name", "train_dir", "train_split", "validation_split", "image_column",
+    "label_column",
+)  # fmt: skip
 
 CONFIG_FIELDS = (
     "backbone", "backbone_kwargs", "cifar_stem", "projector_dims", "projector_batchnorm", "normalize", "alpha",
@@ -166,7 +180,8 @@ CONFIG_FIELDS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; resolve defaults < --preset < --config < explicit flags; validate everything."""
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
+        allow_abbrev=False,  # a misspelt flag is refused, never taken for a longer one
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -216,14 +231,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--total_batch_size", type=int, help="global batch (used when per-device size is not set)")
     g.add_argument("--gradient_accumulation_steps", type=int)
     g.add_argument("--num_train_epochs", type=float)
-    g.add_argument("--max_train_steps", type=int)
-    g.add_argument("--time_budget_minutes", type=float, help="size the run to this wall-clock budget")
+    g.add_argument(
+        "--min_train_steps",
+        type=int,
+        help="unless --num_train_epochs or --max_train_steps is given, train at least this many steps "
+        "(small datasets get enough optimisation)",
+    )
+    g.add_argument("--max_train_steps", type=int, help="exact number of steps (overrides the epochs)")
+    g.add_argument(
+        "--time_budget_minutes",
+        type=float,
+        help="size the run to this wall-clock budget: the step time is measured after a few steps and the "
+        "warm-up + cosine schedule is fitted to end at the budget, leaving time for the final evaluation "
+        "and save; an explicit --num_train_epochs/--max_train_steps caps it",
+    )
     g.add_argument("--warmup_epochs", type=float)
     g.add_argument("--warmup_start_lr", type=float)
     g.add_argument("--min_lr", type=float)
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("speed and distribution")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="overrides accelerate's config")
+    g.add_argument(
+        "--mixed_precision",
+        choices=["auto", "no", "fp16", "bf16"],
+        help="auto: bf16 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AMX or "
+        "AVX512-BF16), else fp32, unless `accelerate launch --mixed_precision`/`accelerate config` says fp16 "
+        "or bf16; no: fp32. The loss is float64 either way",
+    )
+    g.add_argument(
+        "--num_threads",
+        type=int,
+        help="CPU threads per process (default: a count set with `accelerate launch "
+        "--num_cpu_threads_per_process` or an exported OMP_NUM_THREADS, else cores / processes here)",
+    )
     g.add_argument("--channels_last", action=bool_flag)
     g.add_argument("--torch_compile", action=bool_flag)
     g.add_argument("--dataloader_num_workers", type=int)
@@ -256,12 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--hub_model_id")
     g.add_argument("--hub_token")
     g.add_argument("--hub_private_repo", action=bool_flag)
+    add_defaults_to_help(p)
     given = vars(p.parse_args(argv))
 
-    values = dict(DEFAULTS)
-    preset = given.get("preset")
-    if preset:
-        values.update(PRESETS[preset])
+    chosen = {k: v for k, v in given.items() if k not in ("preset", "config")}
     if given.get("config"):
         from_file = read_config_file(given["config"])
 
@@ -270,16 +307,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"error: --config {given['config']}: {message}")
 
         p.error = config_error
-        values.update({**from_file, **vars(p.parse_args(config_as_flags(from_file)))})
-    values.update({k: v for k, v in given.items() if k not in ("preset", "config")})
-    values["preset"] = preset
-    if values["mixed_precision"] is None and not (preset or values["dataset_name"] or values["train_dir"]):
-        # The bundled demo is sized for bf16 autocast (1.5x faster than fp32 on CPUs with AMX/AVX-512;
-        # the loss stays float64); elsewhere the launcher's setting (`accelerate launch --mixed_precision`) holds.
-        values["mixed_precision"] = "bf16"
+        chosen = {**from_file, **vars(p.parse_args(config_as_flags(from_file))), **chosen}
+    preset = given.get("preset")
+    values = {**DEFAULTS, **preset_values(preset, chosen), **chosen, "preset": preset}
     args = argparse.Namespace(**values)
+    args.explicit = sorted(chosen)  # what the user set (flags or --config), for the run-length rules
     validate_args(args)
     return args
+
+
+def preset_values(preset: str | None, chosen: dict) -> dict:
+    """The preset's values; when the user names a data source (`--dataset_name`/`--train_dir`), the preset's
+    source and everything tied to it (config, splits, columns) give way to the defaults, so columns are
+    resolved for the new source while every hyperparameter of the recipe stays."""
+    values = dict(PRESETS[preset]) if preset else {}
+    if chosen.get("dataset_name") or chosen.get("train_dir"):
+        for key in DATA_SOURCE_KEYS:
+            values.pop(key, None)
+    return values
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the problem and where to look), not usage + error."""
+
+    def error(self, message: str):
+        raise SystemExit(f"error: {message} (see {self.prog} --help)")
+
+
+def add_defaults_to_help(parser: argparse.ArgumentParser) -> None:
+    """Append each flag's built-in default to its help (flags are SUPPRESSed so presets can tell what was
+    given; argparse would otherwise show no default)."""
+    for action in parser._actions:
+        key = action.dest
+        if key not in DEFAULTS or DEFAULTS[key] in (None, False) or isinstance(DEFAULTS[key], dict):
+            continue
+        value = DEFAULTS[key]
+        shown = " ".join(map(str, value)) if isinstance(value, list) else value
+        action.help = f"{action.help + '; ' if action.help else ''}default: {shown}"
 
 
 def read_config_file(path: str) -> dict:
@@ -381,9 +445,15 @@ def validate_args(args: argparse.Namespace) -> None:
                 "trainer_state.json): pass a <output_dir>/checkpoints/step_N folder, or 'latest'."
             )
     if args.dataset_name and args.train_dir:
-        fail("pass either --dataset_name or --train_dir, not both.")
-    if args.streaming and args.max_train_steps is None:
-        fail("--streaming datasets have no length: set --max_train_steps.")
+        fail(
+            "pass either --dataset_name or --train_dir, not both (a --preset's dataset gives way to either)."
+        )
+    if args.num_threads is not None and args.num_threads < 1:
+        fail(f"--num_threads must be >= 1, got {args.num_threads}.")
+    if args.min_train_steps is not None and args.min_train_steps < 1:
+        fail(f"--min_train_steps must be >= 1, got {args.min_train_steps}.")
+    if args.streaming and args.max_train_steps is None and args.time_budget_minutes is None:
+        fail("--streaming datasets have no length: set --max_train_steps or --time_budget_minutes.")
     try:
         args.two_view_augmentation = TwoViewAugmentation.from_dict(args.augmentation)
     except (DataError, TypeError) as error:
@@ -471,14 +541,27 @@ def build_dataloaders(args, accelerator):
         atexit.unregister(kill_daemon_processes)
         atexit.register(kill_daemon_processes)  # registered after multiprocessing's exit handler: runs first
     if args.streaming:
-        from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
-
-        shard = split_dataset_by_node(train, accelerator.process_index, accelerator.num_processes)
-        rows = StreamingImageRows(shard, augmentation=args.two_view_augmentation, seed=args.seed, **common)
+        shard, stream_workers = split_stream(
+            train, accelerator.process_index, accelerator.num_processes, workers
+        )
+        if stream_workers < workers:
+            logger.info("streaming: %d DataLoader worker(s), one per shard of this process's part of the "
+                        "stream (more would read nothing)", stream_workers)  # fmt: skip
+        rows = StreamingImageRows(
+            shard,
+            augmentation=args.two_view_augmentation,
+            seed=args.seed,
+            stream_id=accelerator.process_index,
+            **common,
+        )
         sampler = None
         train_loader = torch.utils.data.DataLoader(
-            rows, batch_size=args.per_device_train_batch_size, drop_last=True, **loader_kwargs
-        )
+            rows,
+            batch_size=args.per_device_train_batch_size,
+            drop_last=True,
+            **{**loader_kwargs, **({} if stream_workers else {"prefetch_factor": None, "worker_init_fn": None}),
+               "num_workers": stream_workers},
+        )  # fmt: skip
     else:
         rows = None
         if len(train) >= args.total_batch_size:  # (checked below, before decoding anything)
@@ -568,6 +651,27 @@ def labelled_rows(dataset, split: str, label_column: str, names: list[str] | Non
     return ImageRows(dataset, mode="eval", labels=labels, **common)
 
 
+class DeviceLoader:
+    """A loader of a stream's batches moved to the training device (what Accelerate's prepared loaders do),
+    for the loader that is not prepared."""
+
+    def __init__(self, loader, device: torch.device, skip: int = 0):
+        self.loader, self.device, self.skip = loader, device, skip
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # the stream's own `set_epoch` reshuffles it
+
+    def skip_first(self, batches: int) -> DeviceLoader:
+        """The same stream without its first `batches` batches (read and dropped: a stream cannot seek)."""
+        return DeviceLoader(self.loader, self.device, batches)
+
+    def __iter__(self):
+        for batch in itertools.islice(self.loader, self.skip, None):
+            yield {
+                k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+            }
+
+
 def peak_learning_rate(args) -> float:
     """`--learning_rate` is the rate at `--lr_reference_batch_size`; it scales linearly with the global batch."""
     return args.learning_rate * args.total_batch_size / args.lr_reference_batch_size
@@ -593,18 +697,101 @@ def make_optimizer(
 
 
 def make_lr_lambda(args, steps_per_epoch: int, total_steps: int, peak_lr: float):
-    """Linear warmup from `warmup_start_lr` to the peak, then cosine to `min_lr` (per optimisation step)."""
-    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    """Linear warmup from `warmup_start_lr` to the peak, then cosine to `min_lr`, which the last step
+    (`total_steps - 1`, counted from 0) uses. The warm-up takes at most half of a short run."""
+    warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), total_steps // 2)
 
     def factor(step: int) -> float:
         if step < warmup:
             lr = args.warmup_start_lr + (peak_lr - args.warmup_start_lr) * step / warmup
         else:
-            progress = (step - warmup) / max(1, total_steps - warmup)
+            progress = (step - warmup) / max(1, total_steps - 1 - warmup)
             lr = args.min_lr + 0.5 * (peak_lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
         return lr / peak_lr
 
     return factor
+
+
+def planned_steps(args, steps_per_epoch: int | None) -> int | None:
+    """The run's length in optimisation steps, or None when `--time_budget_minutes` is to size it.
+
+    `--max_train_steps`, or `--num_train_epochs` given by the user, fix the length (and cap a budget).
+    Otherwise a budget decides; without one, the epochs of the defaults or the preset, but at least
+    `--min_train_steps`, so that a small dataset still gets enough updates.
+    """
+    if args.max_train_steps:
+        explicit = args.max_train_steps
+    elif "num_train_epochs" in args.explicit and steps_per_epoch:
+        explicit = math.ceil(args.num_train_epochs * steps_per_epoch)
+    else:
+        explicit = None
+    if args.time_budget_minutes:
+        return explicit  # a cap; the budget fits the length below it
+    if explicit is not None:
+        return explicit
+    return max(math.ceil(args.num_train_epochs * steps_per_epoch), args.min_train_steps or 1)
+
+
+class TimeBudget:
+    """Fits the number of steps to `--time_budget_minutes` once the step time is known.
+
+    The first `SKIP` steps (allocation, lazy initialisation, compilation) are not timed; the next
+    `MEASURE` are. Every process then takes the slowest measurement and the latest clock, so all agree on
+    the same number of steps, which leaves `reserve_seconds(step_time)` for the final save and evaluation.
+    """
+
+    SKIP, MEASURE = 3, 20
+    OVERRUN = 1.25  # a run still going at this multiple of the budget stops (a safety net, not the plan)
+
+    def __init__(self, minutes: float, started: float, cap: int | None, reserve_seconds):
+        self.seconds, self.started, self.cap, self.reserve_seconds = (
+            minutes * 60,
+            started,
+            cap,
+            reserve_seconds,
+        )
+        self.timer_start: float | None = None
+
+    def fit(self, step: int, accelerator) -> int | None:
+        """Called after every step (on every process): the fitted number of steps at the fitting step."""
+        now = time.time()
+        if step == self.SKIP:
+            self.timer_start = now
+        if step != self.SKIP + self.MEASURE or self.timer_start is None:
+            return None
+        measured = torch.tensor(
+            [(now - self.timer_start) / self.MEASURE, now - self.started], device=accelerator.device
+        )
+        step_time, elapsed = accelerator.gather(measured[None]).max(dim=0).values.tolist()
+        reserve = self.reserve_seconds(step_time)
+        total = step + max(1, int((self.seconds - elapsed - reserve) // step_time))
+        total = min(total, self.cap) if self.cap else total
+        logger.info(
+            "time budget %.1f min: %.3f s/step measured, %.0f s reserved for saving and evaluation -> %d steps",
+            self.seconds / 60, step_time, reserve, total,
+        )  # fmt: skip
+        return total
+
+    def overrun(self, accelerator) -> bool:
+        """Whether the run is far past its budget on any process (the same answer everywhere)."""
+        late = torch.tensor(
+            [time.time() - self.started > self.OVERRUN * self.seconds], device=accelerator.device
+        )
+        return bool(accelerator.gather(late.float()).max().item() > 0)
+
+
+def evaluation_seconds(args, eval_rows, step_time: float) -> float:
+    """A rough cost of the final save and evaluation, from the training step's time: each evaluated
+    encoder (the model, and the random-init baseline) runs a forward over the bank and the test split in
+    fp32, about a sixth of a two-view training step per image; the probes take a few seconds each."""
+    seconds = 10.0  # save, figure, results
+    if eval_rows is not None and args.do_eval:
+        images = len(eval_rows["train"]) + len(eval_rows["test"])
+        encoders = 2 if args.eval_baselines else 1
+        per_image = step_time / (6 * args.per_device_train_batch_size)
+        seconds += encoders * images * per_image * (1.5 if args.mixed_precision != "no" else 1.0)
+        seconds += 5.0 * (encoders + int(args.eval_baselines))
+    return seconds
 
 
 def latest_checkpoint(output_dir: Path, before: int | None = None) -> Path | None:
@@ -787,6 +974,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def pretrain(argv: list[str] | None = None) -> dict | None:
+    started = psutil.Process().create_time()  # a time budget counts the start-up too
     args = parse_args(argv)
     project = Path(args.output_dir)
     if args.resume_from_checkpoint is None and latest_checkpoint(project) is not None:
@@ -795,6 +983,13 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
             f"error: --output_dir {project} holds checkpoints of an earlier run: pass --resume_from_checkpoint "
             f"latest to continue it, or start afresh in another --output_dir (or delete {project / 'checkpoints'})."
         )
+    device = PartialState().device
+    args.mixed_precision, precision_reason = choose_mixed_precision(args.mixed_precision, device)
+    threads_reason = None
+    if device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", PartialState().num_processes))  # processes here
+        threads, threads_reason = choose_cpu_threads(args.num_threads, local)
+        torch.set_num_threads(threads)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -809,17 +1004,16 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     )
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
-    if accelerator.device.type == "cpu" and torch.get_num_threads() * local < cores:
-        logger.warning(
-            "each of the %d process(es) here computes on %d thread(s) of %d cores (OMP_NUM_THREADS=%s): "
-            "`accelerate launch` gives a process 1 thread unless passed --num_cpu_threads_per_process %d.",
-            local,
+    logger.info(
+        "precision: %s (%s; --mixed_precision no|bf16|fp16 to change; the loss is float64 either way)",
+        "fp32" if args.mixed_precision == "no" else f"{args.mixed_precision} autocast",
+        precision_reason,
+    )
+    if threads_reason is not None:
+        logger.info(
+            "CPU threads: %d per process (%s; --num_threads N to change)",
             torch.get_num_threads(),
-            cores,
-            os.environ.get("OMP_NUM_THREADS", "unset"),
-            max(1, cores // local),
+            threads_reason,
         )
     if args.gradient_accumulation_steps > 1:
         logger.warning(
@@ -862,9 +1056,13 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps if sampler is not None else None
     if steps_per_epoch is not None:
         steps_per_epoch = math.ceil(steps_per_epoch / accelerator.num_processes)
-    total_steps = args.max_train_steps or int(math.ceil(args.num_train_epochs * steps_per_epoch))
-    steps_per_epoch = steps_per_epoch or total_steps
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    total_steps = planned_steps(args, steps_per_epoch)
+    if sampler is None:
+        # A stream is already split per process (`split_stream`); Accelerate would split its batches again.
+        model, optimizer = accelerator.prepare(model, optimizer)
+        train_loader = DeviceLoader(train_loader, accelerator.device)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if args.torch_compile:
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
@@ -906,6 +1104,19 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
             logger.info("resumed from %s at step %d", path, state["global_step"])
             if accelerator.is_main_process:
                 set_aside_newer_checkpoints(project, state["global_step"])
+    budget = None
+    if args.time_budget_minutes:
+        if "total_steps" in state:  # fitted before the interruption: the schedule must not change
+            total_steps = state["total_steps"]
+        else:
+            budget = TimeBudget(
+                args.time_budget_minutes,
+                started,
+                total_steps,
+                lambda step_time: evaluation_seconds(args, eval_rows, step_time),
+            )
+            total_steps = total_steps or UNFITTED_STEPS
+    steps_per_epoch = steps_per_epoch or total_steps
     # The schedule is a function of the step, so it is rebuilt, not checkpointed: a resumed run follows the
     # current flags (a lower --learning_rate after a numerical fault), and no pickled scheduler is loaded
     # (Accelerate unpickles registered objects with weights_only=False).
@@ -935,13 +1146,13 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         )
 
     logger.info(
-        "%d processes on %s, global batch %d, peak lr %.4g, %d steps (%d per epoch)",
+        "%d processes on %s, global batch %d, peak lr %.4g, %s steps (%s per epoch)",
         accelerator.num_processes,
         accelerator.device,
         args.total_batch_size,
         peak_lr,
-        total_steps,
-        steps_per_epoch,
+        "time-budgeted" if total_steps == UNFITTED_STEPS else total_steps,
+        steps_per_epoch if sampler is not None else "streaming: no fixed number",
     )
     spectrum_batch = None
     if eval_rows is not None:
@@ -963,14 +1174,14 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     stop = StopSignal()
     checkpoint_every = None if args.checkpointing_steps in (None, "epoch") else int(args.checkpointing_steps)
     progress = tqdm(
-        total=total_steps,
+        total=None if total_steps == UNFITTED_STEPS else total_steps,
         initial=state["global_step"],
         disable=not accelerator.is_local_main_process,
         desc="pretraining",
         dynamic_ncols=True,
     )
     generator = torch.Generator(device=aug_device)
-    started, images_seen, window_start = time.time(), 0, time.time()
+    images_seen, window_start = 0, time.time()
     stopped_by, saved, consecutive_skips = None, None, 0
     # A faulty forward has already updated the BatchNorm statistics; these copies undo that.
     running_stats = [b for name, b in unwrapped.named_buffers() if not name.startswith("loss_fn.")]
@@ -983,8 +1194,11 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         rows.set_epoch(epoch)
         loader = train_loader
         if state["step_in_epoch"]:
-            loader = accelerator.skip_first_batches(
-                train_loader, state["step_in_epoch"] * args.gradient_accumulation_steps
+            done = state["step_in_epoch"] * args.gradient_accumulation_steps
+            loader = (
+                train_loader.skip_first(done)
+                if isinstance(train_loader, DeviceLoader)
+                else accelerator.skip_first_batches(train_loader, done)
             )
         for batch in loader:
             if batch["bad_images"]:
@@ -1040,6 +1254,7 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
             images_seen += v1.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             state["global_step"] += 1
             state["step_in_epoch"] += 1
@@ -1054,7 +1269,7 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
                     "loss": out.loss.item(),
                     "invariance_loss": out.invariance_loss.item(),
                     "covariance_loss": out.covariance_loss.item(),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "images_per_second": images_seen / max(now - window_start, 1e-9),
                     "effective_rank": effective_rank(eigs),
                 }
@@ -1068,11 +1283,22 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
                 saved = checkpoint_or_stop(accelerator, unwrapped, project, state, args.save_total_limit)
             if stop.agreed(accelerator):
                 stopped_by = stop.received or signal.SIGTERM
+            if budget is not None:
+                fitted = budget.fit(step, accelerator)
+                if fitted is not None:
+                    total_steps = state["total_steps"] = max(fitted, step)
+                    scheduler = torch.optim.lr_scheduler.LambdaLR(
+                        optimizer.optimizer,
+                        make_lr_lambda(args, steps_per_epoch, total_steps, peak_lr),
+                        last_epoch=step - 1,
+                    )
+                    progress.total = total_steps
+                    progress.refresh()
+                elif step % args.logging_steps == 0 and budget.overrun(accelerator):
+                    logger.warning("stopped at step %d: %.0f%% of the time budget used", step,
+                                   100 * budget.OVERRUN)  # fmt: skip
+                    total_steps = step
             if step >= total_steps or stopped_by is not None:
-                break
-            if args.time_budget_minutes and (time.time() - started) / 60 > args.time_budget_minutes:
-                logger.info("time budget of %.1f min reached at step %d", args.time_budget_minutes, step)
-                total_steps = step
                 break
         else:
             if whole_epoch and not usable_batches:
@@ -1080,6 +1306,8 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
                     f"no image of the training split could be read in a whole epoch ({state['bad_images']} "
                     "skipped): check the files and --image_column."
                 )
+            if sampler is None:
+                logger.info("pass %d over the stream: %d batches", epoch + 1, usable_batches)
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             if args.checkpointing_steps == "epoch":

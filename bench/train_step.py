@@ -13,7 +13,8 @@ official code's path, rebuilt here from the method notes: torchvision ResNet (`f
 same CIFAR stem patch), the same projector, the official loss formula (float64 state promoted,
 `torch.logdet`), `torch.optim.SGD`, fp32, NCHW, no compile, starting from normalised float views
 (the original augments in its DataLoader workers). Both get the same batch on the host and move it
-to the device each step.
+to the device each step. "baseline_fp16" (`--variants`) is the baseline under the ImageNet-1K script's
+`--amp`: fp16 autocast and a GradScaler.
 
 Images/s counts images, each seen as two views. Variants are timed alternately after warm-up, in
 a rotating order; the table gives the median over repeats, the ratio of the medians ("vs
@@ -40,7 +41,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -86,17 +87,28 @@ PEAK_BF16_TFLOPS = {
 
 @dataclass(frozen=True)
 class Case:
-    """A backbone/resolution pair taken from one of the original runs' presets."""
+    """A backbone/resolution pair taken from one of the original runs' presets (`overrides` replace
+    some of the preset's values, for reduced smoke-test versions)."""
 
     preset: str
     cpu_batch: int
     cuda_batch: int
+    overrides: dict = field(default_factory=dict)
 
 
 CASES = {
     "cifar-r18": Case(preset="cifar10", cpu_batch=256, cuda_batch=256),
     "r50-224": Case(preset="imagenet100-r50", cpu_batch=8, cuda_batch=256),
+    "in1k-r50": Case(preset="imagenet1k-r50", cpu_batch=8, cuda_batch=256),
+    # The ImageNet-1K recipe shrunk to a CPU smoke test (bench/gpu.py --tiny).
+    "tiny-r18": Case(
+        preset="imagenet1k-r50",
+        cpu_batch=8,
+        cuda_batch=8,
+        overrides={"backbone": "resnet18", "image_size": 32, "projector_dims": [256, 256, 64]},
+    ),
 }
+DEFAULT_CASES = ["cifar-r18", "r50-224"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,9 +117,16 @@ CASES = {
 
 class OfficialModel(nn.Module):
     """torchvision ResNet (`zero_init_residual=True`, `fc = Identity`, optional CIFAR stem) and the
-    Linear-ReLU-Linear-ReLU-Linear(no bias) projector; each view's projection L2-normalised."""
+    Linear-[BN]-ReLU-Linear-[BN]-ReLU-Linear(no bias) projector (BatchNorm1d in the ImageNet-1K `_bn`
+    script); each view's projection L2-normalised."""
 
-    def __init__(self, architecture: str, cifar_stem: bool, projector_dims: list[int]):
+    def __init__(
+        self,
+        architecture: str,
+        cifar_stem: bool,
+        projector_dims: list[int],
+        projector_batchnorm: bool = False,
+    ):
         super().__init__()
         self.backbone = getattr(torchvision.models, architecture)(zero_init_residual=True)
         in_dim = self.backbone.fc.in_features
@@ -117,7 +136,9 @@ class OfficialModel(nn.Module):
             self.backbone.maxpool = nn.Identity()
         layers: list[nn.Module] = []
         for hidden in projector_dims[:-1]:
-            layers += [nn.Linear(in_dim, hidden), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(in_dim, hidden)]
+            layers += [nn.BatchNorm1d(hidden)] if projector_batchnorm else []
+            layers += [nn.ReLU(inplace=True)]
             in_dim = hidden
         layers.append(nn.Linear(in_dim, projector_dims[-1], bias=False))
         self.projector = nn.Sequential(*layers)
@@ -154,13 +175,17 @@ class OfficialCovarianceLoss:
 
 class BaselineStep:
     """One official training step: forward both views, loss, `zero_grad`, backward, SGD step, and the
-    official per-batch NaN check on `loss.item()`."""
+    official per-batch NaN check on `loss.item()`.
 
-    def __init__(self, preset: dict, device: torch.device, lr: float, seed: int = 0):
+    `amp=True` is the ImageNet-1K script's `--amp` path instead: forward and loss under fp16
+    `autocast`, `loss.item()`, then `scaler.scale(loss).backward()`, `scaler.step`, `scaler.update`,
+    `zero_grad` with a `GradScaler` (the float64 loss state keeps the covariances out of autocast)."""
+
+    def __init__(self, preset: dict, device: torch.device, lr: float, seed: int = 0, amp: bool = False):
         torch.manual_seed(seed)
-        self.model = OfficialModel(preset["backbone"], preset["cifar_stem"], preset["projector_dims"]).to(
-            device
-        )
+        self.model = OfficialModel(
+            preset["backbone"], preset["cifar_stem"], preset["projector_dims"], preset["projector_batchnorm"]
+        ).to(device)
         self.model.train()
         self.loss_fn = OfficialCovarianceLoss(
             preset["projector_dims"][-1],
@@ -174,9 +199,12 @@ class BaselineStep:
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=lr, momentum=preset["momentum"], weight_decay=preset["weight_decay"]
         )
+        self.scaler = torch.amp.GradScaler(device.type) if amp else None
 
     def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> float:
         x1, x2 = x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True)
+        if self.scaler is not None:
+            return self.amp_step(x1, x2)
         z1, z2 = self.model(x1, x2)
         loss = self.alpha * F.mse_loss(z1, z2) + self.loss_fn(z1, z2)
         self.optimizer.zero_grad()
@@ -187,13 +215,26 @@ class BaselineStep:
             raise FloatingPointError("baseline loss is NaN")
         return value
 
+    def amp_step(self, x1: torch.Tensor, x2: torch.Tensor) -> float:
+        with torch.autocast(self.device.type, dtype=torch.float16):
+            z1, z2 = self.model(x1, x2)
+            loss = self.alpha * F.mse_loss(z1, z2) + self.loss_fn(z1, z2)
+        value = loss.item()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if math.isnan(value):
+            raise FloatingPointError("baseline loss is NaN")
+        return value
+
 
 # ---------------------------------------------------------------------------------------------------
 
 
 def case_setup(name: str, batch_size: int | None, device: torch.device):
     case = CASES[name]
-    preset = PRESETS[case.preset]
+    preset = {**PRESETS[case.preset], **case.overrides}
     config = CorInfoMaxConfig(**{k: preset[k] for k in CONFIG_KEYS})
     batch = batch_size or (case.cuda_batch if device.type == "cuda" else case.cpu_batch)
     lr = preset["learning_rate"] * batch / preset["lr_reference_batch_size"]  # as train.py scales it
@@ -215,12 +256,20 @@ def make_step(variant: str, name: str, batch_size: int | None, device: torch.dev
         torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator) for _ in "12"
     ]
     pin = device.type == "cuda"
-    if variant == "baseline":
-        step = BaselineStep(preset, device, lr)
+    if variant in ("baseline", "baseline_fp16"):
+        step = BaselineStep(preset, device, lr, amp=variant == "baseline_fp16")
         views = [normalize_batch(c, config.image_mean, config.image_std) for c in crops]
         views = [v.pin_memory() if pin else v for v in views]
         return (lambda: step(*views)), step.model
-    step = TrainStep(
+    step = our_step(variant, name, batch_size, device, accelerator)
+    crops = [c.pin_memory() if pin else c for c in crops]
+    return (lambda: step(*crops)), step.model
+
+
+def our_step(variant: str, name: str, batch_size: int | None, device: torch.device, accelerator) -> TrainStep:
+    """Our step for `variant` (ours: bf16 through `accelerator`; ours_fp32; ours_compile) of one case."""
+    preset, config, _, lr = case_setup(name, batch_size, device)
+    return TrainStep(
         config,
         TwoViewAugmentation(),
         device,
@@ -232,21 +281,23 @@ def make_step(variant: str, name: str, batch_size: int | None, device: torch.dev
         exclude_bias_and_norm_from_wd=preset["exclude_bias_and_norm_from_wd"],
         compile=variant == "ours_compile",
     )
-    crops = [c.pin_memory() if pin else c for c in crops]
-    return (lambda: step(*crops)), step.model
 
 
-def backbone_flops(name: str, batch: int, device: torch.device) -> tuple[float, float]:
-    """(backbone, whole model) FLOPs of one training step (two views, forward + backward), counted by
-    `FlopCounterMode` on a batch of 2 and scaled to `batch` (every counted op is linear in the batch,
-    except the loss's D x D work, which is negligible)."""
+def backbone_flops(name: str, batch: int, device: torch.device, backward: bool = True) -> tuple[float, float]:
+    """(backbone, whole model) FLOPs of one training step (two views, forward + backward, or the forward
+    alone with `backward=False`), counted by `FlopCounterMode` on a batch of 2 and scaled to `batch`
+    (every counted op is linear in the batch, except the loss's D x D work, which is negligible)."""
     _, config, _, _ = case_setup(name, 2, device)
-    model = OfficialModel(config.backbone, config.cifar_stem, config.projector_dims).to(device)
+    model = OfficialModel(
+        config.backbone, config.cifar_stem, config.projector_dims, config.projector_batchnorm
+    ).to(device)
     x = torch.randn(2, 3, config.image_size, config.image_size, device=device)
     counts = {}
     for part, fn in (("backbone", model.backbone), ("model", lambda t: model.projector(model.backbone(t)))):
         with FlopCounterMode(display=False) as counter:
-            fn(x).sum().backward()
+            out = fn(x).sum()
+            if backward:
+                out.backward()
         counts[part] = counter.get_total_flops() * 2 * batch / 2  # two views
     return counts["backbone"], counts["model"]
 
@@ -303,7 +354,9 @@ def default_variants(device: torch.device, compile: bool) -> list[str]:
     return variants
 
 
-def bench_case(name: str, args, device: torch.device, accelerator) -> dict:
+def bench_case(name: str, args, device: torch.device, accelerator, baseline: str = "baseline") -> dict:
+    """Time `args.variants` of case `name` alternately; "vs baseline" and the ratios are against
+    the variant `baseline`."""
     variants = args.variants or default_variants(device, args.compile)
     _, _, batch, _ = case_setup(name, args.batch_size, device)
     runs, memory = {}, {}
@@ -327,7 +380,7 @@ def bench_case(name: str, args, device: torch.device, accelerator) -> dict:
     load_after = os.getloadavg()[0]
     flops_backbone, flops_model = backbone_flops(name, batch, device)
     peak = peak_tflops(device, args.peak_tflops)
-    base = median(times["baseline"]) if "baseline" in times else None
+    base = median(times[baseline]) if baseline in times else None
     rows = []
     for variant in variants:
         seconds = median(times[variant])
@@ -347,7 +400,7 @@ def bench_case(name: str, args, device: torch.device, accelerator) -> dict:
         rows.append(row)
     if base:  # per-repeat ratios: robust to drifts of the machine's speed between repeats
         for row in rows:
-            ratios = [b / o for b, o in zip(times["baseline"], times[row["variant"]])]
+            ratios = [b / o for b, o in zip(times[baseline], times[row["variant"]])]
             row["median ratio"] = median(ratios)
             row["ratio per repeat"] = ", ".join(f"{r:.2f}" for r in ratios)
     return {
@@ -488,15 +541,16 @@ def check_trajectory(args, device: torch.device, accelerator) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=DEFAULT_CASES)
     p.add_argument(
         "--batch_size", type=int, help="override every case's batch (default: per case and device)"
     )
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=["baseline", "ours", "ours_fp32", "ours_compile"],
-        help="default: baseline ours (+ ours_fp32 ours_compile on CUDA, + ours_compile with --compile)",
+        choices=["baseline", "baseline_fp16", "ours", "ours_fp32", "ours_compile"],
+        help="default: baseline ours (+ ours_fp32 ours_compile on CUDA, + ours_compile with --compile); "
+        "baseline_fp16 is the official ImageNet-1K --amp path (fp16 autocast + GradScaler)",
     )
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")

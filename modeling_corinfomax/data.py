@@ -434,8 +434,24 @@ def make_example(row, index, image_column, label_column, image_size, mode, augme
     return example
 
 
+def split_stream(dataset, process_index: int, num_processes: int, num_workers: int):
+    """This process's part of a `streaming=True` dataset, and how many DataLoader workers can read it.
+
+    `datasets` hands each DataLoader worker whole shards (files, or row groups after `reshard`) and gives
+    a worker beyond the number of shards nothing, so the workers are capped at the shards this process
+    has: every row then arrives exactly once per pass, on one process or several.
+    """
+    from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
+
+    if dataset.n_shards < max(1, num_workers) * num_processes:
+        dataset = dataset.reshard()  # more, smaller shards where the files allow (parquet row groups)
+    shard = split_dataset_by_node(dataset, process_index, num_processes)
+    return shard, min(num_workers, shard.n_shards)
+
+
 class StreamingImageRows(torch.utils.data.IterableDataset):
-    """Iterable counterpart of `ImageRows` for `streaming=True` datasets (already split per process)."""
+    """Iterable counterpart of `ImageRows` for `streaming=True` datasets (already split per process by
+    `split_stream`; `datasets` splits it further between DataLoader workers, by shard)."""
 
     def __init__(
         self,
@@ -447,8 +463,10 @@ class StreamingImageRows(torch.utils.data.IterableDataset):
         augmentation=None,
         seed=0,
         shuffle_buffer: int = 10_000,
+        stream_id: int = 0,
     ):
         dataset = undecoded_columns(dataset, image_column, label_column)
+        self.stream_id = stream_id  # the process index: the views of each process's stream differ
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.image_size, self.mode, self.seed, self.epoch = image_size, mode, seed, 0
         self.augmentation = augmentation or TwoViewAugmentation()
@@ -463,19 +481,18 @@ class StreamingImageRows(torch.utils.data.IterableDataset):
             dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             dataset.set_epoch(self.epoch)
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = info.id if info else 0
         for position, row in enumerate(dataset):
-            if position % workers == worker:
-                yield make_example(
-                    row,
-                    position,
-                    self.image_column,
-                    self.label_column,
-                    self.image_size,
-                    self.mode,
-                    self.augmentation,
-                    _sample_seed(self.seed, self.epoch, position),
-                )
+            yield make_example(
+                row,
+                position,
+                self.image_column,
+                self.label_column,
+                self.image_size,
+                self.mode,
+                self.augmentation,
+                _sample_seed(self.seed, self.epoch, self.stream_id, worker, position),
+            )
 
 
 class ExampleCollator:
@@ -885,6 +902,7 @@ __all__ = [
     "ExampleCollator",
     "ImageRows",
     "StreamingImageRows",
+    "split_stream",
     "TwoViewAugmentation",
     "ViewAugmentation",
     "batched_resized_crop",

@@ -156,6 +156,8 @@ class CorInfoMaxForPreTrainingOutput(ModelOutput):
         projections (`torch.FloatTensor` of shape `(batch_size, projector_dims[-1])`): view-1 projections.
         projections_2 (`torch.FloatTensor` of shape `(batch_size, projector_dims[-1])`): view-2 projections.
         pooler_output (`torch.FloatTensor` of shape `(batch_size, num_features)`): view-1 embeddings.
+        error (`str`, *optional*): with the loss's `on_error="report"`, the message of a numerical fault
+            (the loss is then NaN and the loss state unchanged); None otherwise.
     """
 
     loss: torch.FloatTensor | None = None
@@ -164,6 +166,7 @@ class CorInfoMaxForPreTrainingOutput(ModelOutput):
     projections: torch.FloatTensor | None = None
     projections_2: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
+    error: str | None = None
 
 
 class CorInfoMaxPreTrainedModel(PreTrainedModel):
@@ -298,6 +301,7 @@ class CorInfoMaxForPreTraining(CorInfoMaxPreTrainedModel):
             projections=out1.projections,
             projections_2=out2.projections,
             pooler_output=out1.pooler_output,
+            error=loss.error,
         )
         return out if return_dict else out.to_tuple()
 

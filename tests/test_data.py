@@ -271,3 +271,58 @@ def test_a_cpu_run_on_fewer_threads_than_cores_says_how_to_use_them(tmp_path, ca
     train.main(flags)
     [message] = [r.getMessage() for r in caplog.records if "thread(s)" in r.getMessage()]
     assert f"--num_cpu_threads_per_process {2 * torch.get_num_threads()}" in message
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+
+
+@pytest.fixture(scope="module")
+def streamed_rows(tmp_path_factory):
+    """`make(shards)`: a streaming dataset of 203 tiny images with an `id` column, in `shards` parquet files."""
+    from datasets import load_dataset
+
+    root = tmp_path_factory.mktemp("stream")
+    image = png_bytes_of(np.full((6, 6, 3), 128, np.uint8))
+
+    def make(shards: int):
+        folder = root / f"shards_{shards}"
+        if not folder.exists():
+            ids = np.array_split(np.arange(203), shards)
+            for k, part in enumerate(ids):
+                Dataset.from_dict(
+                    {"image": [{"bytes": image, "path": None}] * len(part), "id": part.tolist()},
+                    features=None,
+                ).cast_column("image", ImageFeature()).to_parquet(str(folder / f"part-{k}.parquet"))
+        files = sorted(str(p) for p in folder.glob("*.parquet"))
+        return load_dataset("parquet", data_files={"train": files}, streaming=True)["train"]
+
+    return make
+
+
+def png_bytes_of(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# (shards, processes, DataLoader workers): more workers than shards, as many, and several processes.
+STREAM_CASES = [(1, 1, 0), (1, 1, 2), (4, 1, 2), (4, 1, 4), (1, 2, 2), (4, 2, 2)]
+
+
+@pytest.mark.parametrize(("shards", "processes", "workers"), STREAM_CASES)
+def test_streaming_delivers_every_row_exactly_once_per_pass(streamed_rows, shards, processes, workers):
+    from modeling_corinfomax.data import StreamingImageRows, split_stream
+
+    passes = 2 if workers == 2 else 1  # the second pass is shuffled differently, and still complete
+    delivered = [[] for _ in range(passes)]
+    for rank in range(processes):
+        part, usable_workers = split_stream(streamed_rows(shards), rank, processes, workers)
+        rows = StreamingImageRows(part, image_column="image", label_column="id", image_size=4, stream_id=rank)
+        loader = torch.utils.data.DataLoader(
+            rows, batch_size=8, num_workers=usable_workers, collate_fn=ExampleCollator()
+        )
+        for epoch in range(passes):
+            rows.set_epoch(epoch)
+            delivered[epoch] += [int(i) for batch in loader for i in batch["labels"]]
+    for rows_of_pass in delivered:
+        assert sorted(rows_of_pass) == list(range(203))

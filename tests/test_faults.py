@@ -377,6 +377,7 @@ def test_on_nan_skip_skips_and_counts_faulty_steps(tmp_path, one_nan_batch, capl
     assert results["global_step"] == 4 and results["skipped_steps"] == 1
     assert json.loads((out / "eval_results.json").read_text())["skipped_steps"] == 1
     assert "step 2:" in caplog.text and "skipped (1 so far)" in caplog.text
+    assert "step 2: CorInfoMax loss at update 2: non-finite projections" in caplog.text  # the loss's message
     assert finite(out)  # the skipped step's NaN BatchNorm statistics were undone
 
 

@@ -42,10 +42,50 @@ def test_bad_flags_are_refused_before_loading_data(flags, message, capsys):
     assert message in text
 
 
-def test_unknown_preset_is_refused(capsys):
-    with pytest.raises(SystemExit):
+def test_unknown_preset_is_refused_in_one_line():
+    with pytest.raises(SystemExit) as raised:
         train.parse_args(["--preset", "cifar11"])
-    assert "invalid choice: 'cifar11'" in capsys.readouterr().err
+    message = str(raised.value)
+    assert message.startswith("error: argument --preset: invalid choice: 'cifar11'") and "\n" not in message
+
+
+def test_a_data_source_on_the_command_line_replaces_the_presets_and_keeps_its_recipe(tmp_path):
+    preset = train.PRESETS["cifar10"]
+    for flags in (["--train_dir", str(tmp_path)], ["--dataset_name", "org/other", "--train_split", "all"]):
+        args = train.parse_args(["--preset", "cifar10", *flags])
+        assert args.image_column is None and args.label_column is None  # resolved for the new source
+        assert (
+            args.validation_split == train.DEFAULTS["validation_split"] and args.dataset_config_name is None
+        )
+        for key in (
+            "alpha",
+            "projector_dims",
+            "total_batch_size",
+            "learning_rate",
+            "warmup_epochs",
+            "image_mean",
+        ):
+            assert getattr(args, key) == preset[key], key
+    args = train.parse_args(["--preset", "cifar10", "--dataset_name", "org/other", "--image_column", "png"])
+    assert (args.dataset_name, args.image_column, args.train_split) == ("org/other", "png", "train")
+    config = tmp_path / "data.yaml"
+    config.write_text(f"train_dir: {tmp_path}\n")  # a source from a config file counts as the user's too
+    args = train.parse_args(["--preset", "cifar10", "--config", str(config)])
+    assert args.dataset_name is None and args.train_dir == str(tmp_path) and args.image_column is None
+    assert train.parse_args(["--preset", "cifar10"]).image_column == "img"  # the preset's own source
+
+
+def test_run_length_rules():
+    def steps(flags, per_epoch):
+        return train.planned_steps(train.parse_args(flags), per_epoch)
+
+    assert steps([], 93) == 744  # the demo: 8 epochs of the bundled data
+    assert steps([], 15) == 700  # a small folder: at least --min_train_steps
+    assert steps(["--num_train_epochs", "2"], 15) == 30  # asked for: as given
+    assert steps(["--max_train_steps", "5"], 15) == 5
+    assert steps(["--time_budget_minutes", "9"], 15) is None  # the budget decides
+    assert steps(["--time_budget_minutes", "9", "--num_train_epochs", "3"], 15) == 45  # ... under a cap
+    assert steps(["--preset", "cifar10"], 97) == 97_000
 
 
 def test_presets_set_the_original_hyperparameters_and_flags_override():
@@ -97,8 +137,10 @@ def test_lr_schedule_warms_up_then_follows_a_cosine():
     assert factor(0) == pytest.approx(0.01)
     assert factor(10) == pytest.approx(0.505)
     assert factor(20) == pytest.approx(1.0)
-    assert factor(60) == pytest.approx(0.001 + 0.5 * 0.999)
-    assert factor(100) == pytest.approx(0.001)
+    assert factor(20 + 79 / 2) == pytest.approx(0.001 + 0.5 * 0.999)  # half-way from warm-up to the last step
+    assert factor(99) == pytest.approx(0.001)  # the last of the 100 steps runs at --min_lr
+    short = train.make_lr_lambda(args, steps_per_epoch=10, total_steps=10, peak_lr=1.0)
+    assert short(5) == pytest.approx(1.0) and short(9) == pytest.approx(0.001)  # warm-up: half a short run
 
 
 # --------------------------------------------------------------------------------------------------- runs

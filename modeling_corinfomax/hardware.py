@@ -1,0 +1,139 @@
+"""What the machine runs fast: CPU threads per process and the mixed precision to train in.
+
+The first command users type carries no thread or precision flag, so train.py decides both here:
+
+- threads: `accelerate launch` and `torchrun` give each process one thread (OMP_NUM_THREADS=1) unless
+  told otherwise, which leaves most of a CPU idle. A thread count the user asked for is honoured (a
+  train.py flag, `accelerate launch --num_cpu_threads_per_process N`, or OMP_NUM_THREADS exported
+  before the command); the launchers' own default of 1 is not a request and is replaced by the cores
+  available to the process divided by the processes on the machine.
+- precision: bf16 autocast where the hardware runs it fast (CUDA devices with native bf16, CPUs with
+  AMX or AVX512-BF16), fp32 elsewhere. A launcher or `accelerate config` setting of fp16/bf16 wins over
+  that guess; an explicit train.py `--mixed_precision` wins over both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+# Set by `accelerate launch` (every launcher mode) and by torchrun in the processes they start.
+LAUNCHER_MARKERS = ("ACCELERATE_MIXED_PRECISION", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which container limits and `taskset` narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _parent_launch_settings(pid: int) -> tuple[list[str], dict[str, str]] | None:
+    """The command line and initial environment of process `pid` (Linux /proc), or None if unreadable."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in cmdline if a]
+    env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+    return args, env
+
+
+def requested_threads(
+    environ: Mapping[str, str] | None = None, parent_pid: int | None = None
+) -> tuple[int, str] | None:
+    """The thread count the user asked for outside train.py, as `(threads, where it came from)`, or None.
+
+    Without a launcher, OMP_NUM_THREADS in the environment is the user's. Under a launcher it may be the
+    launcher's default: it counts as the user's when the launcher was given `--num_cpu_threads_per_process`
+    or itself started with OMP_NUM_THREADS set (both read from the parent process). Where the parent
+    cannot be read, any value but the launchers' default of 1 counts as the user's.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get("OMP_NUM_THREADS", "").strip()
+    if not value.isdigit() or int(value) < 1:
+        return None
+    threads = int(value)
+    if not any(marker in environ for marker in LAUNCHER_MARKERS):
+        return threads, "OMP_NUM_THREADS"
+    parent = _parent_launch_settings(os.getppid() if parent_pid is None else parent_pid)
+    if parent is None:
+        return (threads, "OMP_NUM_THREADS") if threads != 1 else None
+    parent_args, parent_env = parent
+    if any(a.startswith("--num_cpu_threads_per_process") for a in parent_args):
+        return threads, "the launcher's --num_cpu_threads_per_process"
+    if "OMP_NUM_THREADS" in parent_env:
+        return threads, "OMP_NUM_THREADS set before the launcher"
+    return None
+
+
+def choose_cpu_threads(flag: int | None, local_processes: int, cores: int | None = None) -> tuple[int, str]:
+    """Threads per process on a CPU, and why: `flag` (train.py's `--num_threads`), else a count the user
+    asked for elsewhere (`requested_threads`), else the available cores shared by the local processes."""
+    if flag is not None:
+        return flag, "--num_threads"
+    requested = requested_threads()
+    if requested is not None:
+        return requested
+    cores = available_cores() if cores is None else cores
+    local_processes = max(1, local_processes)
+    return max(1, cores // local_processes), f"{cores} cores / {local_processes} process(es) on this machine"
+
+
+def cpu_runs_bf16_fast() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
+    cpu = getattr(torch._C, "_cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return True
+    try:  # older torch without the probes: the kernel's list of CPU flags
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def device_runs_bf16_fast(device: torch.device) -> bool:
+    """Whether bf16 autocast is faster than fp32 on `device` (not merely supported, or emulated)."""
+    if device.type == "cuda":
+        # Ampere and newer have bf16 tensor cores; `is_bf16_supported` is also True on emulating GPUs.
+        return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        return cpu_runs_bf16_fast()
+    return False
+
+
+def choose_mixed_precision(
+    flag: str, device: torch.device, environ: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """The mixed precision for Accelerate (`"no"`, `"fp16"`, `"bf16"`, ...), and why.
+
+    `flag` is train.py's `--mixed_precision`: anything but `"auto"` is used as given. With `"auto"`, a
+    launcher's fp16/bf16 (from `accelerate launch --mixed_precision` or `accelerate config`) holds; a
+    launcher's `"no"` is its default, not a request, so the hardware decides (`device_runs_bf16_fast`).
+    """
+    if flag != "auto":
+        return flag, f"--mixed_precision {flag}"
+    environ = os.environ if environ is None else environ
+    launcher = environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher not in ("no", ""):
+        return launcher, f"accelerate launch/config mixed_precision={launcher}"
+    if device_runs_bf16_fast(device):
+        what = "this GPU" if device.type == "cuda" else "this CPU (AMX or AVX512-BF16)"
+        return "bf16", f"auto: {what} runs bf16 natively"
+    return "no", f"auto: {device.type} has no fast bf16, so fp32"
+
+
+__all__ = [
+    "available_cores",
+    "choose_cpu_threads",
+    "choose_mixed_precision",
+    "cpu_runs_bf16_fast",
+    "device_runs_bf16_fast",
+    "requested_threads",
+]

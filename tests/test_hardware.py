@@ -1,0 +1,78 @@
+"""Thread and precision choices (modeling_corinfomax.hardware) against the rules the README states."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_corinfomax import hardware
+
+
+def cpuinfo_flags() -> set[str]:
+    line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    return set(line.split(":", 1)[1].split())
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
+def test_cpu_bf16_detection_agrees_with_the_kernels_cpu_flags():
+    assert hardware.cpu_runs_bf16_fast() == bool({"amx_bf16", "avx512_bf16"} & cpuinfo_flags())
+
+
+def test_precision_rules(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "cpu_runs_bf16_fast", lambda: True)
+    assert hardware.choose_mixed_precision("auto", cpu, {})[0] == "bf16"
+    assert hardware.choose_mixed_precision("auto", cpu, {"ACCELERATE_MIXED_PRECISION": "no"})[0] == "bf16"
+    assert hardware.choose_mixed_precision("auto", cpu, {"ACCELERATE_MIXED_PRECISION": "fp16"})[0] == "fp16"
+    assert hardware.choose_mixed_precision("no", cpu, {"ACCELERATE_MIXED_PRECISION": "bf16"})[0] == "no"
+    monkeypatch.setattr(hardware, "cpu_runs_bf16_fast", lambda: False)
+    assert hardware.choose_mixed_precision("auto", cpu, {})[0] == "no"
+    assert hardware.choose_mixed_precision("bf16", cpu, {})[0] == "bf16"
+
+
+def spawn_child(parent_env: dict, parent_args: list[str], child_env: dict) -> tuple[int, str] | None:
+    """`requested_threads` as seen by a child whose parent (a stand-in for a launcher) ran with
+    `parent_env` and `parent_args`."""
+    code = (
+        "import json, os, subprocess, sys;"
+        "child = {**os.environ, **json.loads(sys.argv[1])};"
+        "print(subprocess.run([sys.executable, '-c', 'from modeling_corinfomax import hardware;"
+        "print(hardware.requested_threads())'], env=child, capture_output=True, text=True).stdout.strip())"
+    )
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(child_env), *parent_args],
+        env=parent_env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    ).stdout.strip()
+    return eval(out)  # noqa: S307  (a tuple or None printed by our own child)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the parent through /proc")
+def test_a_launchers_default_of_one_thread_is_not_a_request_but_the_users_settings_are():
+    base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    launched = {"OMP_NUM_THREADS": "1", "ACCELERATE_MIXED_PRECISION": "no"}
+    assert spawn_child(base, [], launched) is None  # the launcher's own 1
+    assert spawn_child(base, ["--num_cpu_threads_per_process", "1"], launched)[0] == 1
+    assert spawn_child({**base, "OMP_NUM_THREADS": "1"}, [], launched) == (
+        1,
+        "OMP_NUM_THREADS set before the launcher",
+    )
+    assert spawn_child(base, [], {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")  # no launcher
+
+
+def test_default_thread_count_shares_the_cores_between_local_processes(monkeypatch):
+    monkeypatch.setattr(hardware, "requested_threads", lambda: None)
+    assert hardware.choose_cpu_threads(None, 1, cores=16)[0] == 16
+    assert hardware.choose_cpu_threads(None, 4, cores=16)[0] == 4
+    assert hardware.choose_cpu_threads(None, 32, cores=16)[0] == 1
+    assert hardware.choose_cpu_threads(2, 1, cores=16) == (2, "--num_threads")
