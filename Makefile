@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# `accelerate launch` runs a process on one CPU thread unless told otherwise.
-NPROC := $(shell nproc 2>/dev/null || echo 2)
-
+# No thread or precision flag: train.py uses every core and picks bf16 only where the CPU runs it natively.
 demo: venv
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process $(NPROC) \
-		--dynamo_backend no train.py --resume_from_checkpoint latest
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no \
+		train.py --resume_from_checkpoint latest
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -41,6 +39,12 @@ bench: venv
 	$(PY) bench/train_step.py --check_trajectory
 	$(PY) bench/pipeline.py
 	$(PY) bench/scaling.py
+	$(PY) bench/end_to_end.py
+	$(PY) bench/small_folder.py --dataset fashion4k
+	$(PY) bench/small_folder.py --dataset textures
+
+bench-gpu: venv
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

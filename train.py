@@ -524,6 +524,7 @@ def build_dataloaders(args, accelerator):
         raise DataError(
             "the training split is empty: check --train_split, --train_dir or --max_train_samples."
         )
+    resolve_batch_sizes(args, accelerator, None if args.streaming else len(train))
     workers = args.dataloader_num_workers
     if workers is None:  # leave the cores to the model on small machines
         workers = max(1, min(8, (os.cpu_count() or 2) // max(1, accelerator.num_processes) - 1))
@@ -615,6 +616,49 @@ def build_dataloaders(args, accelerator):
                 "no labelled evaluation split (%s); kNN monitoring and the final evaluation are off", error
             )
     return rows, sampler, train_loader, eval_rows, loader_kwargs
+
+
+# The default global batch shrinks (by halves, down to MIN_DEFAULT_BATCH) until an epoch has at least
+# MIN_STEPS_PER_EPOCH steps: a few thousand images then get several times more updates in the same time.
+MIN_STEPS_PER_EPOCH, MIN_DEFAULT_BATCH = 50, 64
+
+
+def default_batch_size(args, dataset_size: int | None) -> int:
+    """`--total_batch_size`, or for the built-in default (no preset, not set by the user) on a small
+    dataset, the largest halving of it that gives `MIN_STEPS_PER_EPOCH` steps per epoch."""
+    batch = args.total_batch_size
+    if args.preset or "total_batch_size" in args.explicit or "per_device_train_batch_size" in args.explicit:
+        return batch
+    while (
+        dataset_size is not None and batch > MIN_DEFAULT_BATCH and dataset_size // batch < MIN_STEPS_PER_EPOCH
+    ):
+        batch //= 2
+    return batch
+
+
+def resolve_batch_sizes(args, accelerator, dataset_size: int | None) -> None:
+    """Set `per_device_train_batch_size` and the actual global `total_batch_size` (what the lr scales by)."""
+    batch = default_batch_size(args, dataset_size)
+    if batch != args.total_batch_size:
+        logger.info("global batch %d (not %d) so that the %d images give %d steps per epoch; --total_batch_size "
+                    "sets it", batch, args.total_batch_size, dataset_size, dataset_size // batch)  # fmt: skip
+        args.total_batch_size = batch
+    if args.per_device_train_batch_size is None:
+        divisor = accelerator.num_processes * args.gradient_accumulation_steps
+        if args.total_batch_size % divisor:
+            raise SystemExit(
+                f"error: --total_batch_size {args.total_batch_size} is not divisible by "
+                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps."
+            )
+        args.per_device_train_batch_size = args.total_batch_size // divisor
+    if args.per_device_train_batch_size < 2:
+        raise SystemExit(
+            f"error: each process's batch is {args.per_device_train_batch_size} image(s); BatchNorm and the loss "
+            "need at least 2: raise --total_batch_size or lower --gradient_accumulation_steps."
+        )
+    args.total_batch_size = (
+        args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    )
 
 
 def decoded_rows(args, train, image_column: str, workers: int) -> DecodedImages | None:
@@ -1023,25 +1067,8 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
             accelerator.num_processes,
         )
     set_seed(args.seed)
-    if args.per_device_train_batch_size is None:
-        divisor = accelerator.num_processes * args.gradient_accumulation_steps
-        if args.total_batch_size % divisor:
-            raise SystemExit(
-                f"error: --total_batch_size {args.total_batch_size} is not divisible by "
-                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps."
-            )
-        args.per_device_train_batch_size = args.total_batch_size // divisor
-    if args.per_device_train_batch_size < 2:
-        raise SystemExit(
-            f"error: each process's batch is {args.per_device_train_batch_size} image(s); BatchNorm and the loss "
-            "need at least 2: raise --total_batch_size or lower --gradient_accumulation_steps."
-        )
-    args.total_batch_size = (
-        args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    )
-    peak_lr = peak_learning_rate(args)
-
     rows, sampler, train_loader, eval_rows, loader_kwargs = build_dataloaders(args, accelerator)
+    peak_lr = peak_learning_rate(args)
 
     model = CorInfoMaxForPreTraining(args.model_config)
     if args.on_nan == "skip":

@@ -88,6 +88,16 @@ def test_run_length_rules():
     assert steps(["--preset", "cifar10"], 97) == 97_000
 
 
+def test_the_default_batch_shrinks_for_small_datasets_only():
+    def batch(flags, size):
+        return train.default_batch_size(train.parse_args(flags), size)
+
+    assert batch([], 24_000) == 256  # the demo's batch is unchanged
+    assert batch([], 10_000) == 128 and batch([], 4_000) == 64 and batch([], 300) == 64
+    assert batch(["--total_batch_size", "256"], 4_000) == 256  # asked for: as given
+    assert batch(["--preset", "cifar10"], 4_000) == 512  # a recipe keeps its batch
+
+
 def test_presets_set_the_original_hyperparameters_and_flags_override():
     args = train.parse_args(["--preset", "cifar10"])
     assert (args.backbone, args.cifar_stem, args.projector_dims) == ("resnet18", True, [2048, 2048, 64])

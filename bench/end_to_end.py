@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""End-to-end throughput of the command users type first, against the original recipe's fp32 step.
+
+    python bench/end_to_end.py                    # preset cifar10 on a 32 px folder, 8 steps, then 3 official steps
+
+Runs, exactly as a user would (no precision or thread flag, a shell without OMP_NUM_THREADS),
+
+    accelerate launch train.py --preset cifar10 --train_dir <32 px folder> --max_train_steps N --no-do_eval
+
+and reads its images/s per step from `training_log.json` (median over the steps after the first two:
+decoding, crops, augmentation, forward, backward and optimizer included). The reference is the official
+code's step rebuilt in `bench/train_step.py` (`BaselineStep`: torchvision ResNet-18 with the CIFAR stem,
+fp32, NCHW, the official loss) at the same global batch (512) on this machine with every core. Images
+count once each, though each is seen as two views, in both numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from common import machine_info, median
+from PIL import Image
+from train_step import BaselineStep, case_setup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_folder(root: Path, count: int) -> Path:
+    """`count` bundled Fashion-MNIST images as 32x32 RGB PNGs in class sub-folders (a user's folder)."""
+    rows = pq.read_table(ROOT / "data" / "fashion_mnist" / "train.parquet").slice(0, count).to_pylist()
+    for i, row in enumerate(rows):
+        folder = root / "train" / f"class_{row['label']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize((32, 32)).save(
+            folder / f"{i}.png"
+        )
+    return root
+
+
+def ours(folder: Path, steps: int, out: Path) -> tuple[float, list[float], str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    command = [sys.executable, "-m", "accelerate.commands.launch", str(ROOT / "train.py"), "--preset", "cifar10",
+               "--train_dir", str(folder), "--max_train_steps", str(steps), "--no-do_eval", "--logging_steps",
+               "1", "--output_dir", str(out)]  # fmt: skip
+    result = subprocess.run(command, env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    chosen = [
+        line.split(": ", 2)[-1]
+        for line in result.stdout.splitlines()
+        if "precision:" in line or "CPU threads:" in line
+    ]
+    rates = [r["images_per_second"] for r in json.loads((out / "training_log.json").read_text())]
+    return median(rates[2:]), rates, "; ".join(chosen)
+
+
+def official(steps: int, threads: int) -> tuple[float, list[float]]:
+    torch.set_num_threads(threads)
+    preset, config, batch, lr = case_setup("cifar-r18", 512, torch.device("cpu"))
+    step = BaselineStep(preset, torch.device("cpu"), lr)
+    views = [torch.randn(batch, 3, config.image_size, config.image_size) for _ in "12"]
+    step(*views)  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(*views)
+        times.append(time.perf_counter() - start)
+    return batch / median(times), [batch / t for t in times]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=8, help="train.py steps (the first two are not counted)")
+    p.add_argument("--official_steps", type=int, default=3)
+    p.add_argument("--output", default="bench/results/end_to_end.json")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_folder(Path(tmp) / "my_images", 1536)
+        ours_rate, ours_rates, chosen = ours(folder, args.steps, Path(tmp) / "run")
+    threads = len(os.sched_getaffinity(0))
+    official_rate, official_rates = official(args.official_steps, threads)
+    report = {
+        "machine": machine_info(),
+        "load_average_1m": os.getloadavg()[0],
+        "ours_images_per_second": ours_rate,
+        "ours_per_step": ours_rates,
+        "train_py_chose": chosen,
+        "official_fp32_images_per_second": official_rate,
+        "official_per_step": official_rates,
+        "official_threads": threads,
+        "ratio": ours_rate / official_rate,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"train.py chose: {chosen}")
+    print("| path | images/s (batch 512) |\n|---|---|")
+    print(f"| accelerate launch train.py --preset cifar10 --train_dir (end to end) | {ours_rate:.1f} |")
+    print(f"| official recipe's step (fp32, NCHW, {threads} threads, compute only) | {official_rate:.1f} |")
+    print(f"ratio: {report['ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
