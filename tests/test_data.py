@@ -256,21 +256,32 @@ def test_evaluation_splits_are_cached_on_first_use_unless_the_cache_is_off(fashi
         assert isinstance(eval_rows["test"], kind)
 
 
-def test_a_cpu_run_on_fewer_threads_than_cores_says_how_to_use_them(tmp_path, caplog, monkeypatch):
+@pytest.mark.parametrize(
+    ("env", "flags", "expected"),
+    [
+        ({}, [], "4 per process (4 cores / 1 process(es) on this machine"),  # nothing asked: every core
+        ({"OMP_NUM_THREADS": "1"}, [], "1 per process (OMP_NUM_THREADS"),  # the user's own setting
+        ({"OMP_NUM_THREADS": "3"}, ["--num_threads", "2"], "2 per process (--num_threads"),  # the flag wins
+    ],
+)
+def test_a_cpu_run_uses_every_core_unless_asked_otherwise(
+    env, flags, expected, tmp_path, caplog, monkeypatch
+):
     # `accelerate launch` sets OMP_NUM_THREADS=1 by default: the demo then ran at half speed, silently.
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2 * torch.get_num_threads())))
-    flags = [
-        *SMALL,
-        "--max_train_steps",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--output_dir",
-        str(tmp_path / "run"),
-    ]
-    train.main(flags)
-    [message] = [r.getMessage() for r in caplog.records if "thread(s)" in r.getMessage()]
-    assert f"--num_cpu_threads_per_process {2 * torch.get_num_threads()}" in message
+    caplog.set_level(logging.INFO, logger="corinfomax.train")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    run = [*SMALL, "--max_train_steps", "1", "--mixed_precision", "no", "--output_dir", str(tmp_path / "run")]
+    threads = torch.get_num_threads()
+    try:
+        train.main([*run, *flags])
+        chosen = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    [message] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU threads:")]
+    assert message.startswith(f"CPU threads: {expected}") and chosen == int(expected.split()[0])
 
 
 # ----------------------------------------------------------------------------------------------- streaming
