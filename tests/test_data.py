@@ -317,7 +317,7 @@ def png_bytes_of(array: np.ndarray) -> bytes:
 
 
 # (shards, processes, DataLoader workers): more workers than shards, as many, and several processes.
-STREAM_CASES = [(1, 1, 0), (1, 1, 2), (4, 1, 2), (4, 1, 4), (1, 2, 2), (4, 2, 2)]
+STREAM_CASES = [(1, 1, 0), (1, 1, 2), (4, 1, 4), (1, 2, 2), (4, 2, 2)]
 
 
 @pytest.mark.parametrize(("shards", "processes", "workers"), STREAM_CASES)

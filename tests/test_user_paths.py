@@ -159,7 +159,6 @@ def test_streaming_with_two_workers_reads_the_whole_stream(parquet_source, tmp_p
             ["--preset", "cifar10", "--train_dir", "/no/such/folder"],
             "error: --train_dir '/no/such/folder' is not",
         ),
-        (["--streaming", "--image_cache", "on", "--max_train_steps", "1"], "error: --image_cache on needs"),
         (["--learning_rat", "0.1"], "error: unrecognized arguments: --learning_rat 0.1"),  # no abbreviations
     ],
 )
