@@ -31,7 +31,7 @@ import psutil
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import broadcast, is_tensorboard_available, is_wandb_available, set_seed
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
@@ -42,7 +42,6 @@ from modeling_corinfomax import (
     CorInfoMaxModel,
     CorInfoMaxNumericalError,
     covariance_eigenvalues,
-    effective_rank,
 )
 from modeling_corinfomax.data import (
     BatchViewAugment,
@@ -57,12 +56,14 @@ from modeling_corinfomax.data import (
     class_indices,
     class_names,
     data_error_message,
+    eval_view,
     load_image_dataset,
     normalize_batch,
     resolve_columns,
     split_stream,
 )
 from modeling_corinfomax.hardware import choose_cpu_threads, choose_mixed_precision
+from modeling_corinfomax.monitoring import CollapseMonitor, rankme, spectrum_summary
 from modeling_corinfomax.presets import PRESETS
 
 logger = logging.getLogger("corinfomax.train")
@@ -150,6 +151,12 @@ DEFAULTS: dict = {
     "logging_steps": 10,
     "eval_steps": None,
     "on_nan": "stop",
+    "rankme_samples": 256,
+    "collapse_window": 5,
+    "collapse_rank_drop": 0.5,
+    "collapse_min_rank": 0.05,
+    "collapse_patience": 5,
+    "save_best_by": "none",
     "do_eval": True,
     "eval_baselines": True,
     "max_eval_train_samples": None,
@@ -162,6 +169,8 @@ DEFAULTS: dict = {
 UNFITTED_STEPS = 10**9  # the length of a budgeted run until its step time is measured (cosine ~ flat)
 MAX_CONSECUTIVE_SKIPS = 10  # with --on_nan skip: more faults in a row mean the run has diverged
 MODEL_STAGING = ".tmp-model"  # save_pretrained writes here, then the files are renamed into --output_dir
+R_INIT_NEGLIGIBLE = 1e-3  # the collapse monitor reads the effective rank once R_init weighs less than this
+BEST_MODEL, BEST_STATE = "best", "best_model.json"  # --save_best_by: <output_dir>/best/best_model.json
 
 TRACKER_AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
 
@@ -286,6 +295,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--on_nan", choices=["stop", "skip"], help="on a non-finite loss: checkpoint and stop, or skip"
     )
+    g.add_argument(
+        "--rankme_samples",
+        type=int,
+        help="training images (fixed at the start, un-augmented) whose pooled backbone embeddings give the "
+        "RankMe logged every --logging_steps; 0: off",
+    )
+    g.add_argument(
+        "--collapse_window",
+        type=int,
+        help="collapse warning: logging steps over which a fast fall of the effective rank is looked for",
+    )
+    g.add_argument(
+        "--collapse_rank_drop",
+        type=float,
+        help="collapse warning: the fraction of the window's highest effective rank that, lost, is a collapse",
+    )
+    g.add_argument(
+        "--collapse_min_rank",
+        type=float,
+        help="collapse warning: effective rank, as a fraction of the projection dimension, below which "
+        "--collapse_patience logging steps in a row warn",
+    )
+    g.add_argument("--collapse_patience", type=int, help="see --collapse_min_rank")
+    g.add_argument(
+        "--save_best_by",
+        choices=["none", "rankme"],
+        help="rankme: keep the model of the logging step with the highest RankMe (a label-free score) in "
+        "<output_dir>/best",
+    )
     g.add_argument("--do_eval", action=bool_flag, help="final kNN + linear evaluation when labels exist")
     g.add_argument(
         "--eval_baselines", action=bool_flag, help="also evaluate random-init and raw-pixel baselines"
@@ -409,6 +447,7 @@ def validate_args(args: argparse.Namespace) -> None:
         "lr_reference_batch_size",
         "max_eval_samples",
         "max_eval_train_samples",
+        "collapse_patience",
     ):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -419,6 +458,19 @@ def validate_args(args: argparse.Namespace) -> None:
         fail("--learning_rate must be > 0 and --min_lr, --warmup_epochs, --weight_decay >= 0.")
     if args.momentum < 0 or args.warmup_start_lr < 0 or args.seed < 0:
         fail("--momentum, --warmup_start_lr and --seed must be >= 0.")
+    if args.collapse_window < 2:
+        fail(
+            f"--collapse_window must be >= 2 logging steps (a fall needs two points), got {args.collapse_window}."
+        )
+    if not 0 < args.collapse_rank_drop < 1 or not 0 <= args.collapse_min_rank < 1:
+        fail(
+            f"--collapse_rank_drop must lie in (0, 1) and --collapse_min_rank in [0, 1), got "
+            f"{args.collapse_rank_drop} and {args.collapse_min_rank}."
+        )
+    if args.rankme_samples < 0:
+        fail(f"--rankme_samples must be >= 0, got {args.rankme_samples}.")
+    if args.save_best_by == "rankme" and not args.rankme_samples:
+        fail("--save_best_by rankme needs RankMe: set --rankme_samples above 0 (e.g. 256).")
     if args.time_budget_minutes is not None and args.time_budget_minutes <= 0:
         fail(f"--time_budget_minutes must be > 0, got {args.time_budget_minutes}.")
     if min(args.per_device_train_batch_size or 2, args.total_batch_size) < 2:
@@ -912,8 +964,13 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def remove_unfinished_writes(output_dir: Path) -> None:
-    """Delete what a killed run left half-written: hidden checkpoint folders and the model staging folder."""
-    for path in [*(output_dir / "checkpoints").glob(".*-step_*"), output_dir / MODEL_STAGING]:
+    """Delete what a killed run left half-written: hidden checkpoint folders, the model staging folder and
+    the best model's (a complete staged best model whose swap a kill interrupted is put in place)."""
+    best, staged = output_dir / BEST_MODEL, output_dir / f".tmp-{BEST_MODEL}"
+    if not best.exists() and (staged / BEST_STATE).exists():
+        os.replace(staged, best)
+    hidden = [output_dir / MODEL_STAGING, staged, output_dir / f".old-{BEST_MODEL}"]
+    for path in [*(output_dir / "checkpoints").glob(".*-step_*"), *hidden]:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -1074,7 +1131,10 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     if args.on_nan == "skip":
         model.loss_fn.on_error = "report"
     if args.sync_bn and accelerator.num_processes > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if accelerator.device.type == "cpu":  # torch's SyncBatchNorm has no CPU kernel
+            logger.info("--sync_bn: not available on CPU; each process normalises its own share of the batch")
+        else:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(
@@ -1131,6 +1191,7 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
             logger.info("resumed from %s at step %d", path, state["global_step"])
             if accelerator.is_main_process:
                 set_aside_newer_checkpoints(project, state["global_step"])
+                set_aside_newer_best_model(project, state.get("best"))
     budget = None
     if args.time_budget_minutes:
         if "total_steps" in state:  # fitted before the interruption: the schedule must not change
@@ -1197,6 +1258,19 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         spectrum_start = torch.tensor(state["spectrum_start"])
     elif spectrum_start is not None:
         state["spectrum_start"] = spectrum_start.tolist()
+
+    # Label-free collapse monitoring: RankMe of fixed training images, warnings from the logged history.
+    rankme_images = rankme_rows(rows, args) if accelerator.is_main_process and args.rankme_samples else None
+    monitor = CollapseMonitor(
+        args.projector_dims[-1],
+        window=args.collapse_window,
+        rank_drop=args.collapse_rank_drop,
+        low_rank=args.collapse_min_rank,
+        patience=args.collapse_patience,
+    )
+    for record in state["history"]:  # a resumed run's monitor goes on from the history, without re-warning
+        feed_monitor(monitor, record, args.lambda_R)
+    state.setdefault("best", None)
 
     stop = StopSignal()
     checkpoint_every = None if args.checkpointing_steps in (None, "epoch") else int(args.checkpointing_steps)
@@ -1289,7 +1363,6 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
             step = state["global_step"]
             if step % args.logging_steps == 0 or step == total_steps:
                 now = time.time()
-                eigs = covariance_eigenvalues(unwrapped.loss_fn.R1)
                 record = {
                     "step": step,
                     "epoch": epoch + state["step_in_epoch"] / steps_per_epoch,
@@ -1298,14 +1371,30 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
                     "covariance_loss": out.covariance_loss.item(),
                     "lr": lr,
                     "images_per_second": images_seen / max(now - window_start, 1e-9),
-                    "effective_rank": effective_rank(eigs),
                 }
-                images_seen, window_start = 0, now
+                for view in ("R1", "R2"):  # the same on every process: the loss gathers the global batch
+                    for key, value in spectrum_summary(getattr(unwrapped.loss_fn, view)).items():
+                        record[f"{key}_{view}"] = value
+                if args.rankme_samples:
+                    score = probe_rankme(unwrapped, rankme_images, args, accelerator)
+                    if score is not None:
+                        record["rankme"] = score
+                images_seen, window_start = 0, time.time()
                 if args.eval_steps and step % args.eval_steps == 0 and eval_rows is not None:
                     record["knn_top1"] = monitor_knn(unwrapped, eval_rows, args, accelerator, loader_kwargs)
-                state["history"].append(record)
                 accelerator.log(record, step=step)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", erank=f"{record['effective_rank']:.1f}")
+                warnings = feed_monitor(monitor, record, args.lambda_R)
+                if warnings:
+                    record["collapse_warnings"] = [w.kind for w in warnings]
+                    for warning in warnings if accelerator.is_main_process else ():
+                        logger.warning("%s", warning)
+                state["history"].append(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", erank=f"{record['effective_rank_R1']:.1f}")
+                best = state["best"]
+                if args.save_best_by == "rankme" and "rankme" in record:
+                    if best is None or record["rankme"] > best["rankme"]:
+                        state["best"] = {"step": step, "rankme": record["rankme"]}
+                        save_model(unwrapped, project, accelerator, best=state["best"])
             if checkpoint_every and step % checkpoint_every == 0:
                 saved = checkpoint_or_stop(accelerator, unwrapped, project, state, args.save_total_limit)
             if stop.agreed(accelerator):
@@ -1365,6 +1454,79 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     )
     accelerator.end_training()
     return results
+
+
+def rankme_rows(rows, args) -> CachedRows | None:
+    """The fixed training images RankMe is measured on: `--rankme_samples` of them, un-augmented (resize
+    and centre crop), drawn once with `--seed` (a stream's first ones); None when none can be read."""
+    n = args.rankme_samples
+    if isinstance(rows, StreamingImageRows):
+        stream = StreamingImageRows(rows.dataset, rows.image_column, None, args.image_size, mode="eval")
+        examples = list(itertools.islice(stream, n))
+    else:
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed))[:n]
+        if isinstance(rows, DecodedImages):
+            labels = torch.full((len(pick),), -1, dtype=torch.long)
+            return CachedRows(eval_view(rows.images[pick], args.image_size), labels, pick)
+        views = ImageRows(rows.dataset, rows.image_column, None, args.image_size, mode="eval")
+        examples = [views[i] for i in pick.tolist()]
+    batch = ExampleCollator(skip_bad_images=True)(examples)
+    if "pixel_values" not in batch:
+        return None
+    return CachedRows(batch["pixel_values"], batch["labels"], batch["index"])
+
+
+def probe_rankme(model, images: CachedRows | None, args, accelerator) -> float | None:
+    """RankMe of the pooled backbone embeddings of `images` (eval mode, no gradients), computed on the
+    main process (which alone holds the images) and sent to the others, so that every process takes the
+    same `--save_best_by` decisions; None when there are no images or the embeddings are not finite."""
+    from modeling_corinfomax.evaluation import extract_features  # noqa: PLC0415
+
+    score = float("nan")
+    if images is not None:
+        # Slices, not a DataLoader: starting one draws from the global RNG, which training must not see.
+        batches = [
+            {"pixel_values": images.pixel_values[i : i + 256], "labels": images.index[i : i + 256]}
+            for i in range(0, len(images), 256)
+        ]
+        features, _ = extract_features(model, NormalizingLoader(batches, args))
+        if torch.isfinite(features).all():  # diverged weights: the next step's fault check ends the run
+            score = rankme(features)
+    if accelerator.num_processes > 1:
+        score = broadcast(torch.tensor([score], device=accelerator.device)).item()
+    return None if math.isnan(score) else score
+
+
+def feed_monitor(monitor: CollapseMonitor, record: dict, lambda_R: float) -> list:
+    """Give the collapse monitor one logged record; the warnings that begin at it (none for the records
+    of a checkpoint written before the spectra of both views were logged). The effective rank of the
+    first updates is left out: their running covariance still holds a part `lambda_R ** step` of
+    `R_init * I`, which lifts it (measured: 11.6 of 16 after one update, 7.8 after two)."""
+    if "effective_rank_R2" not in record:
+        return []
+    erank = min(record["effective_rank_R1"], record["effective_rank_R2"])
+    return monitor.update(
+        record["step"],
+        erank if lambda_R ** record["step"] <= R_INIT_NEGLIGIBLE else None,
+        record["invariance_loss"],
+        record["covariance_loss"],
+        record.get("rankme"),
+    )
+
+
+def set_aside_newer_best_model(output_dir: Path, best: dict | None) -> None:
+    """Resuming from an older checkpoint abandons a best model saved after it: rename it `abandoned-best`,
+    so that <output_dir>/best only ever holds a model of the run that goes on."""
+    path = output_dir / BEST_MODEL
+    if not (path / BEST_STATE).exists():
+        return
+    saved = json.loads((path / BEST_STATE).read_text())
+    if best is None or saved["step"] != best["step"]:
+        target = path.with_name(f"abandoned-{BEST_MODEL}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(path, target)
+        logger.warning("%s held the model of step %d, not the resumed checkpoint's best (%s): it is now %s",
+                       path, saved["step"], f"step {best['step']}" if best else "none", target)  # fmt: skip
 
 
 def projection_spectrum(model, images, args) -> torch.Tensor:
@@ -1475,6 +1637,10 @@ def finish(
         "skipped_steps": state["skipped_steps"],
         "bad_images": state["bad_images"],
     }
+    if state["best"] is not None:
+        results["best_rankme_step"], results["best_rankme"] = state["best"]["step"], state["best"]["rankme"]
+        logger.info("best RankMe %.2f at step %d: %s", state["best"]["rankme"], state["best"]["step"],
+                    project / BEST_MODEL)  # fmt: skip
     if eval_rows is not None and args.do_eval:
         num_classes = eval_rows["num_classes"]
 
@@ -1486,6 +1652,8 @@ def finish(
 
         ours = {split: features_of(model.corinfomax)(split) for split in ("train", "test")}
         results.update(evaluate_encoder(lambda split: ours[split], num_classes))
+        if accelerator.is_main_process:
+            write_pictures(project, ours, eval_rows)
         if args.eval_baselines:
             baseline_config = CorInfoMaxConfig(
                 **{
@@ -1547,15 +1715,25 @@ def finish(
     return results
 
 
-def save_model(model, project: Path, accelerator) -> None:
+def save_model(model, project: Path, accelerator, best: dict | None = None) -> None:
     """`save_pretrained` into a staging folder, then rename each file into place, so a kill or a full disk
-    never leaves a half-written model.safetensors (nor destroys the previous one)."""
-    staging = project / MODEL_STAGING
+    never leaves a half-written model.safetensors (nor destroys the previous one).
+
+    With `best` (the step and score of `--save_best_by`), the model and `best` (as best_model.json) go to
+    <output_dir>/best instead, swapped in whole as checkpoints are: the folder always holds one step's
+    weights with that step's json (`remove_unfinished_writes` completes a swap a kill interrupted)."""
+    staging = project / (f".tmp-{BEST_MODEL}" if best else MODEL_STAGING)
     try:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(str(staging), is_main_process=accelerator.is_main_process)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and best is not None:
+            (staging / BEST_STATE).write_text(json.dumps(best))
+            if (project / BEST_MODEL).exists():
+                os.replace(project / BEST_MODEL, project / f".old-{BEST_MODEL}")
+            os.replace(staging, project / BEST_MODEL)
+            shutil.rmtree(project / f".old-{BEST_MODEL}", ignore_errors=True)
+        elif accelerator.is_main_process:
             for path in staging.iterdir():
                 os.replace(path, project / path.name)
             staging.rmdir()
@@ -1585,14 +1763,36 @@ def zero_init_last_off(config: CorInfoMaxConfig) -> dict:
     )
 
 
+def write_pictures(project: Path, features: dict, eval_rows: dict) -> None:
+    """`embeddings.png` and `neighbours.png` of the final encoder (the model card shows them)."""
+    from modeling_corinfomax.reporting import write_embedding_pictures  # noqa: PLC0415
+
+    if any(len(features[split][0]) != len(eval_rows[split]) for split in ("train", "test")):
+        logger.info("no embedding pictures: some evaluation images were unreadable (--skip_bad_images)")
+        return
+    written = write_embedding_pictures(
+        project,
+        *features["train"],
+        *features["test"],
+        lambda i: eval_rows["train"][i]["pixel_values"],
+        lambda i: eval_rows["test"][i]["pixel_values"],
+        class_names=eval_rows["names"],
+    )
+    logger.info("pictures of the embeddings: %s", ", ".join(str(path) for path in written))
+
+
 def raw_pixels(rows, args):
     """Flattened normalised un-augmented pixels: the no-learning baseline."""
     loader = torch.utils.data.DataLoader(rows, batch_size=512, collate_fn=ExampleCollator(True))
-    xs, ys = [], []
+    xs, ys, grey = [], [], True
     for batch in loader:
-        xs.append(normalize_batch(batch["pixel_values"], args.image_mean, args.image_std).flatten(1))
+        pixels = batch["pixel_values"]
+        grey = grey and bool((pixels == pixels[:, :1]).all())
+        xs.append(normalize_batch(pixels, args.image_mean, args.image_std))
         ys.append(batch["labels"])
-    return torch.cat(xs), torch.cat(ys)
+    # Grey images decoded to three equal channels: one copy of each pixel (three would divide the probe's
+    # L2 penalty by three and slow its convergence).
+    return torch.cat(xs)[:, : 1 if grey else None].flatten(1), torch.cat(ys)
 
 
 def plot_training(path: Path, history: list[dict], spectrum_start, spectrum_end) -> None:

@@ -36,10 +36,13 @@ from .modeling_corinfomax import (
     CorInfoMaxModel,
     register_cifar_stem_architecture,
 )
+from .reporting import EMBEDDING_MAP_NAME, FIGURE_CAPTIONS, NEIGHBOURS_NAME
 
 TRAINING_ARGS_NAME = "training_args.json"
 EVAL_RESULTS_NAME = "eval_results.json"
 TRAINING_FIGURE_NAME = "training.png"
+# The pictures of a run that go into the cards and the uploaded folders when the run wrote them.
+FIGURE_NAMES = (TRAINING_FIGURE_NAME, EMBEDDING_MAP_NAME, NEIGHBOURS_NAME)
 DEFAULT_LICENSE = "apache-2.0"
 BACKBONE_REPO_SUFFIX = "-timm"
 
@@ -356,10 +359,10 @@ def _hyperparameter_table(config: CorInfoMaxConfig) -> str:
 
 
 def _training_section(
-    config: CorInfoMaxConfig, training_args: dict | None, results: dict | None, figure: bool
+    config: CorInfoMaxConfig, training_args: dict | None, results: dict | None, figures: list[str]
 ) -> str:
     parts = ["## Training", ""]
-    if figure:
+    if TRAINING_FIGURE_NAME in figures:
         parts += [f"![Training curves]({TRAINING_FIGURE_NAME})", ""]
     parts += ["CorInfoMax hyperparameters (from `config.json`):", "", _hyperparameter_table(config), ""]
     if training_args:
@@ -380,6 +383,22 @@ def _training_section(
     }
     if run:
         parts += ["Run statistics: " + ", ".join(f"`{k}` = {v}" for k, v in run.items()) + ".", ""]
+    return "\n".join(parts)
+
+
+def _pictures_section(figures: list[str]) -> str:
+    pictures = [name for name in (EMBEDDING_MAP_NAME, NEIGHBOURS_NAME) if name in figures]
+    if not pictures:
+        return ""
+    parts = ["## What the encoder learned", ""]
+    for name in pictures:
+        parts += [f"![{FIGURE_CAPTIONS[name]}]({name})", ""]
+    parts += [
+        "The map shows the test embeddings on their first two principal components (of the L2-normalised "
+        "backbone features); the grid shows test images and their nearest training images by cosine "
+        "similarity, a neighbour of another class framed in red.",
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -428,16 +447,17 @@ def _render(card_data: ModelCardData, body: str) -> ModelCard:
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body.strip()}\n")
 
 
-def _card_context(checkpoint_dir: str | os.PathLike | None) -> tuple[dict | None, dict | None, bool]:
+def _card_context(checkpoint_dir: str | os.PathLike | None) -> tuple[dict | None, dict | None, list[str]]:
+    """`training_args.json`, `eval_results.json` (secrets removed) and the names of the run's pictures."""
     if checkpoint_dir is None:
-        return None, None, False
+        return None, None, []
     checkpoint_dir = Path(checkpoint_dir)
     training_args = read_json(checkpoint_dir / TRAINING_ARGS_NAME)
     results = read_json(checkpoint_dir / EVAL_RESULTS_NAME)
     return (
         without_secrets(training_args) if training_args is not None else None,
         without_secrets(results) if results is not None else None,
-        (checkpoint_dir / TRAINING_FIGURE_NAME).is_file(),
+        [name for name in FIGURE_NAMES if (checkpoint_dir / name).is_file()],
     )
 
 
@@ -461,11 +481,11 @@ def build_model_card(
 ) -> ModelCard:
     """The card of the full model (backbone + projector + loss state, transformers with remote code).
 
-    Reads `training_args.json`, `eval_results.json` and `training.png` from `checkpoint_dir` when present.
+    Reads `training_args.json`, `eval_results.json` and its pictures (`training.png`, `embeddings.png`, `neighbours.png`) from `checkpoint_dir` when present.
     """
     corinfomax = unwrap_corinfomax(model)
     config, num_features = corinfomax.config, corinfomax.num_features
-    training_args, results, figure = _card_context(checkpoint_dir)
+    training_args, results, figures = _card_context(checkpoint_dir)
     datasets, eval_dataset = _card_metadata(training_args, results)
     base_model = (training_args or {}).get("model_name_or_path")
     card_data = ModelCardData(
@@ -552,8 +572,9 @@ classifier = AutoModelForImageClassification.from_pretrained(
             _model_summary(config, num_features),
             "",
             usage,
-            _training_section(config, training_args, results, figure),
+            _training_section(config, training_args, results, figures),
             _evaluation_section(results),
+            _pictures_section(figures),
             _citation_section(),
         ]
     )
@@ -571,7 +592,7 @@ def build_backbone_card(
     """The card of the timm-format backbone (`library_name: timm`, loads in timm and transformers)."""
     corinfomax = unwrap_corinfomax(model)
     config, num_features = corinfomax.config, corinfomax.num_features
-    training_args, results, figure = _card_context(checkpoint_dir)
+    training_args, results, figures = _card_context(checkpoint_dir)
     datasets, eval_dataset = _card_metadata(training_args, results)
     arch = timm_architecture(config)
     card_data = ModelCardData(
@@ -653,8 +674,9 @@ classifier = AutoModelForImageClassification.from_pretrained("{backbone_repo_id}
             ),
             "",
             usage,
-            _training_section(config, training_args, results, figure),
+            _training_section(config, training_args, results, figures),
             _evaluation_section(results),
+            _pictures_section(figures),
             _citation_section(),
         ]
     )
@@ -672,21 +694,21 @@ def prepare_artifacts(
 ) -> tuple[Path, Path]:
     """Write the two folders to upload: the full model (`save_pretrained` with code files, `auto_map` for
     every head, `preprocessor_config.json`, README, and the run's `training_args.json`, `eval_results.json`
-    and `training.png`) and the timm-format backbone with its README."""
+    and its pictures) and the timm-format backbone with its README."""
     checkpoint_dir, model_dir, backbone_dir = Path(checkpoint_dir), Path(model_dir), Path(backbone_dir)
     model = load_saved_model(checkpoint_dir)
     model.save_pretrained(model_dir)
     export_timm_backbone(
         model, backbone_dir, license=license, description=f"CorInfoMax backbone of {repo_id}"
     )
-    training_args, results, figure = _card_context(checkpoint_dir)
+    training_args, results, figures = _card_context(checkpoint_dir)
     if training_args is not None:
         (model_dir / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
     if results is not None:
         (model_dir / EVAL_RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
-    if figure:
+    for name in figures:
         for folder in (model_dir, backbone_dir):
-            shutil.copyfile(checkpoint_dir / TRAINING_FIGURE_NAME, folder / TRAINING_FIGURE_NAME)
+            shutil.copyfile(checkpoint_dir / name, folder / name)
     build_model_card(model, repo_id, backbone_repo_id, checkpoint_dir, license=license).save(
         model_dir / "README.md"
     )
@@ -729,7 +751,7 @@ def publish(
 
     Args:
         checkpoint_dir: a `save_pretrained` folder of a CorInfoMax model (train.py's `--output_dir`);
-            its `training_args.json`, `eval_results.json` and `training.png`, if present, go into the cards.
+            its `training_args.json`, `eval_results.json` and pictures, if present, go into the cards.
         repo_id: `org/name` of the full model (transformers, remote code).
         backbone_repo_id: `org/name` of the timm-format backbone; defaults to `<repo_id>-timm`.
         private: create the repos as private (existing repos keep their visibility).

@@ -54,7 +54,7 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     """Turn a timm ResNet-family model into its CIFAR variant: 3x3 stride-1 first conv, no max-pool.
 
     The new convolution outputs as many channels as the old stem did (`bn1.num_features`), so the rest
-    of the network is unchanged; this is the paper's CIFAR/Tiny-ImageNet stem.
+    of the network is unchanged; this is the paper's CIFAR stem, with nn.Conv2d's default init.
     """
     if not (hasattr(model, "conv1") and hasattr(model, "bn1") and hasattr(model, "maxpool")):
         raise ValueError(
@@ -63,8 +63,9 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
             "(for ViTs, pass backbone_kwargs such as {'img_size': 32, 'patch_size': 4})."
         )
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    # PyTorch's default conv init (kaiming_uniform, a=sqrt(5)), as the official CIFAR stem; `_init_weights`
+    # leaves backbone modules alone, so it survives `post_init`.
     model.conv1 = nn.Conv2d(in_chans, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
         model.pretrained_cfg = {**model.pretrained_cfg, "first_conv": "conv1"}

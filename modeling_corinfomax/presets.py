@@ -4,6 +4,7 @@ Each preset sets every hyperparameter of a run in `train.py` flag names; any fla
 command line overrides the preset. Sources: section 5.1 of the method notes (official code at
 c0b917e). `learning_rate` is the official absolute rate at the official global batch
 (`lr_reference_batch_size`); train.py scales it linearly when the global batch differs.
+`LINEAR_EVAL_PRESETS` holds each run's linear evaluation, in `eval.py` flag names.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ _COMMON = {
     "eps": 1e-8,
     "normalize": True,
     "augmentation": None,  # the paper's asymmetric pipeline (blur 1.0/0.1, solarize 0/0.2)
+    # BatchNorm over the global batch on several processes, as the official runs: one GPU (CIFAR, Tiny
+    # ImageNet) or SyncBatchNorm (ImageNet); train.py converts only when there is more than one process.
+    "sync_bn": True,
 }
 
 PRESETS: dict[str, dict] = {
@@ -112,7 +116,6 @@ PRESETS: dict[str, dict] = {
         "num_train_epochs": 400,
         "warmup_epochs": 10,
         "min_lr": 5e-3,
-        "sync_bn": True,
     },
     "imagenet100-r50": {
         **_COMMON,
@@ -134,7 +137,6 @@ PRESETS: dict[str, dict] = {
         "num_train_epochs": 200,
         "warmup_epochs": 5,
         "min_lr": 5e-3,
-        "sync_bn": True,
     },
     "imagenet1k-r50": {
         **_COMMON,
@@ -157,8 +159,34 @@ PRESETS: dict[str, dict] = {
         "warmup_epochs": 10,
         "min_lr": 1e-6,
         "mixed_precision": "bf16",  # the official run used CUDA AMP; the loss stays float64 either way
-        "sync_bn": True,
     },
 }
 
-__all__ = ["PRESETS"]
+# The official linear evaluation of each run (section 4.2 of the method notes) in eval.py flag names:
+# a frozen eval-mode backbone, SGD momentum 0.9 without weight decay, 100 epochs at a global batch of
+# 256, the schedule stepped per epoch. `eval.py --preset NAME` applies it; explicit flags override it.
+_LINEAR_COSINE = {
+    "linear_epochs": 100,
+    "linear_lr": 0.2,
+    "linear_lr_schedule": "cosine",
+    "linear_min_lr": 2e-3,
+    "total_batch_size": 256,
+}
+_LINEAR_STEP = {
+    "linear_epochs": 100,
+    "linear_lr": 25.0,  # absolute, at batch 256
+    "linear_lr_schedule": "step",
+    "linear_lr_step_size": 20,
+    "linear_lr_gamma": 0.1,
+    "total_batch_size": 256,
+}
+LINEAR_EVAL_PRESETS: dict[str, dict] = {
+    "cifar10": _LINEAR_COSINE,
+    "cifar100": _LINEAR_COSINE,
+    "tiny-imagenet": _LINEAR_COSINE,
+    "imagenet100-r18": _LINEAR_COSINE,
+    "imagenet100-r50": _LINEAR_COSINE,
+    "imagenet1k-r50": _LINEAR_STEP,
+}
+
+__all__ = ["LINEAR_EVAL_PRESETS", "PRESETS"]

@@ -1,6 +1,7 @@
-"""eval.py end to end: both protocols on the bundled data, result merging, image folders, Hub-cache
-checkpoints and their commit hash."""
+"""eval.py end to end: both protocols on the bundled data, result merging, presets and the global batch,
+the embeddings export, image folders, Hub-cache checkpoints and their commit hash."""
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from datasets import load_dataset
+from torchvision.transforms import v2
+from transformers import AutoModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = REPO_ROOT / "data" / "fashion_mnist"
@@ -29,7 +32,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-SMALL = ["--max_train_samples", "300", "--max_eval_samples", "100", "--per_device_batch_size", "64"]
+SMALL = ["--max_train_samples", "300", "--max_eval_samples", "100", "--total_batch_size", "64"]
 
 
 def test_knn_and_precomputed_linear_on_bundled_data_then_merge_augmented_linear(pretrained, tmp_path, capsys):
@@ -57,10 +60,9 @@ def test_knn_and_precomputed_linear_on_bundled_data_then_merge_augmented_linear(
     for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5"):
         assert 0.0 <= saved[key] <= 100.0
     assert saved["knn_top1"] > 20.0 and saved["linear_top1"] > 20.0  # 10 classes: chance is 10%
-    assert (
-        saved["protocols"]["linear"]["epochs"] == 50
-        and "precomputed" in saved["protocols"]["linear"]["method"]
-    )
+    probe = saved["protocols"]["linear"]
+    assert "precomputed" in probe["method"] and "L-BFGS" in probe["method"]
+    assert probe["weight_decay"] == 1e-3 and 0 < probe["iterations"] < probe["max_iter"]
 
     # The paper's augmented protocol (one epoch here) replaces the linear results and keeps the kNN ones.
     second = eval_script.main([*args, "--protocol", "linear", "--linear_epochs", "1"])
@@ -71,14 +73,135 @@ def test_knn_and_precomputed_linear_on_bundled_data_then_merge_augmented_linear(
     assert (
         linear["epochs"] == 1
         and linear["lr"] == 0.2
+        and linear["lr_schedule"] == "cosine"
         and linear["min_lr"] == 2e-3
         and linear["momentum"] == 0.9
+        and linear["batch_size"] == 64
     )
-    assert "RandomResizedCrop" in linear["train_transform"]
+    assert "RandomResizedCrop" in linear["train_transform"] and "lr_step_size" not in linear
 
     # Results of another split must not be merged into this file.
     with pytest.raises(ValueError, match="another --output_dir"):
         eval_script.main([*args, "--validation_split", "train"])
+
+
+def test_preset_selects_the_official_linear_protocol_and_flags_override_it():
+    parse = eval_script.parse_args
+    imagenet = parse(["--model_name_or_path", "m", "--preset", "imagenet1k-r50"])
+    assert (imagenet.linear_lr_schedule, imagenet.linear_lr, imagenet.linear_lr_step_size) == (
+        "step",
+        25.0,
+        20,
+    )
+    assert (imagenet.linear_lr_gamma, imagenet.linear_epochs, imagenet.total_batch_size) == (0.1, 100, 256)
+    assert (imagenet.dataset_name, imagenet.validation_split) == ("ILSVRC/imagenet-1k", "validation")
+    cifar = parse(["--model_name_or_path", "m", "--preset", "cifar10"])
+    assert (cifar.linear_lr_schedule, cifar.linear_lr, cifar.linear_min_lr) == ("cosine", 0.2, 2e-3)
+    assert (cifar.dataset_name, cifar.image_column, cifar.validation_split) == (
+        "uoft-cs/cifar10",
+        "img",
+        "test",
+    )
+    # Explicit flags win over the preset; a named data source replaces the preset's.
+    override = parse(
+        [
+            "--model_name_or_path",
+            "m",
+            "--preset",
+            "imagenet1k-r50",
+            "--linear_lr",
+            "10",
+            "--total_batch_size",
+            "512",
+        ]
+    )
+    assert (override.linear_lr, override.linear_lr_schedule, override.total_batch_size) == (10.0, "step", 512)
+    folder = parse(["--model_name_or_path", "m", "--preset", "imagenet1k-r50", "--train_dir", "imgs"])
+    assert folder.dataset_name is None and folder.validation_split is None and folder.linear_lr == 25.0
+    plain = parse(["--model_name_or_path", "m"])
+    assert (plain.linear_lr_schedule, plain.linear_lr, plain.total_batch_size) == ("cosine", 0.2, 256)
+    assert plain.dataset_name is None  # the bundled data
+    with pytest.raises(SystemExit):
+        parse(["--model_name_or_path", "m", "--precompute_features", "--linear_lr", "1"])
+
+
+def test_the_step_protocol_and_the_global_batch_reach_linear_eval(pretrained, tmp_path, monkeypatch):
+    calls = []
+
+    @functools.wraps(eval_script.linear_eval)  # keeps the signature eval.py reads the defaults from
+    def fake_linear_eval(model, train_loader, eval_loader, num_classes, **kwargs):
+        calls.append({"batch_size": train_loader.batch_sampler.batch_size, **kwargs})
+        return {"top1": 50.0, "top5": 90.0}
+
+    monkeypatch.setattr(eval_script, "linear_eval", fake_linear_eval)
+    _, checkpoint = pretrained
+    args = ["--model_name_or_path", str(checkpoint), "--preset", "imagenet1k-r50", "--protocol", "linear"]
+    args += ["--dataset_name", str(FASHION_MNIST), "--cache_dir", str(tmp_path), "--max_train_samples", "64"]
+    result = eval_script.main([*args, "--max_eval_samples", "32", "--linear_epochs", "3"])
+    (call,) = calls
+    assert (call["lr_schedule"], call["lr"], call["lr_step_size"], call["lr_gamma"]) == (
+        "step",
+        25.0,
+        20,
+        0.1,
+    )
+    assert call["epochs"] == 3 and call["batch_size"] == 256  # one process: the whole global batch
+    linear = result["protocols"]["linear"]
+    assert linear["lr_schedule"] == "step" and linear["batch_size"] == 256 and "min_lr" not in linear
+    assert "lr_gamma ** (epoch // lr_step_size)" in linear["optimizer"]
+
+
+def test_the_global_batch_is_split_over_processes():
+    assert eval_script.per_process_batch_size(256, 1) == 256
+    assert eval_script.per_process_batch_size(256, 8) == 32  # the official ImageNet-100 split
+    with pytest.raises(SystemExit, match="does not split over 3 processes"):
+        eval_script.per_process_batch_size(256, 3)
+
+
+def test_save_embeddings_writes_loadable_features_of_each_split(pretrained, tmp_path):
+    model, checkpoint = pretrained
+    out = tmp_path / "embeddings"
+    eval_script.main(
+        ["--model_name_or_path", str(checkpoint), *SMALL, "--knn_k", "5", "--save_embeddings", str(out)]
+    )
+    source = load_dataset(
+        "parquet",
+        data_files={split: str(FASHION_MNIST / f"{split}.parquet") for split in ("train", "test")},
+        cache_dir=str(tmp_path / "cache"),
+    )
+    saved = load_dataset(
+        "parquet",
+        data_files={split: str(out / f"{split}.parquet") for split in ("train", "test")},
+        cache_dir=str(tmp_path / "cache"),
+    )
+    encoder = AutoModel.from_pretrained(checkpoint).eval()
+    config = encoder.config
+    # The evaluation view, written out here: resize the short side to 8/7 (bicubic), centre crop, normalise.
+    view = v2.Compose(
+        [
+            v2.Lambda(lambda image: image.convert("RGB")),
+            v2.PILToTensor(),
+            v2.Resize(
+                int(config.image_size * 8 / 7), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.CenterCrop(config.image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(config.image_mean, config.image_std),
+        ]
+    )
+    for split, n in (("train", 300), ("test", 100)):
+        rows = saved[split]
+        assert rows.num_rows == n and set(rows.column_names) == {"id", "split", "label", "embedding"}
+        assert set(rows["split"]) == {split} and len(set(rows["id"])) == n
+        assert rows.features["label"].names == source[split].features["label"].names
+        assert rows["label"] == source[split].select(rows["id"])["label"]
+        embeddings = torch.tensor(rows["embedding"])
+        assert embeddings.shape == (n, model.corinfomax.num_features)
+        for position in (0, n - 1):
+            image = source[split][rows[position]["id"]]["image"]
+            with torch.no_grad():
+                expected = encoder(pixel_values=view(image)[None]).pooler_output[0]
+            torch.testing.assert_close(embeddings[position], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_projector_features_and_bad_flags(pretrained, tmp_path):

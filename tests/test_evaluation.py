@@ -1,6 +1,7 @@
-"""Evaluation library: kNN against a brute-force reference, the linear probes, feature extraction,
-the semi-supervised subsets, eval_results.json merging, and a short real pretraining that must beat a
-random-init backbone under the linear probe."""
+"""Evaluation library: kNN against a brute-force reference, the linear probes (the exact probe against an
+independent scipy solution, the linear-eval schedules and head), feature extraction, the semi-supervised
+subsets, eval_results.json merging, and a short real pretraining that must beat a random-init backbone
+under the linear probe."""
 
 import copy
 import json
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, debug_launcher
 from accelerate.state import AcceleratorState
 from datasets import load_dataset
+from scipy.optimize import minimize
 from torch import nn
 from torchvision.ops import roi_align
 from transformers.utils import ModelOutput
@@ -32,6 +34,8 @@ from modeling_corinfomax.evaluation import (
     knn_accuracy,
     knn_classify,
     linear_eval,
+    linear_eval_scheduler,
+    linear_head,
     linear_probe,
     topk_accuracy,
     update_eval_results,
@@ -144,6 +148,47 @@ def test_linear_probe_rejects_mismatched_inputs():
         linear_probe(
             torch.randn(10, 4), torch.zeros(9, dtype=torch.long), torch.randn(3, 4), torch.zeros(3), 2
         )
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        linear_probe(
+            torch.randn(10, 4), torch.zeros(10), torch.randn(3, 4), torch.zeros(3), 2, weight_decay=0
+        )
+
+
+def test_linear_eval_schedules_match_the_official_values():
+    def lrs(schedule: str, lr: float, **kwargs) -> list[float]:
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+        scheduler = linear_eval_scheduler(optimizer, schedule, epochs=100, **kwargs)
+        values = []
+        for _ in range(100):  # the lr each epoch trains with; stepped after the epoch
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    # ImageNet-1K: 25 for epochs 0-19, then x0.1 every 20 epochs.
+    step = lrs("step", 25.0, lr_step_size=20, lr_gamma=0.1)
+    for epoch, expected in {0: 25.0, 19: 25.0, 20: 2.5, 39: 2.5, 40: 0.25, 99: 25.0 * 0.1**4}.items():
+        assert step[epoch] == pytest.approx(expected, rel=1e-12), epoch
+    cosine = lrs("cosine", 0.2, min_lr=2e-3)
+    for epoch in (0, 19, 20, 40, 99):
+        expected = 2e-3 + (0.2 - 2e-3) * (1 + math.cos(math.pi * epoch / 100)) / 2
+        assert cosine[epoch] == pytest.approx(expected, rel=1e-9), epoch
+    with pytest.raises(ValueError, match="'cosine'.*'step'"):
+        lrs("linear", 0.2)
+
+
+def test_linear_head_is_the_seeded_nn_linear_default_init():
+    state = torch.random.get_rng_state()
+    head = linear_head(512, 10, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global random stream is untouched
+    torch.manual_seed(3)
+    expected = nn.Linear(512, 10)
+    assert torch.equal(head.weight, expected.weight) and torch.equal(head.bias, expected.bias)
+    bound = 1 / math.sqrt(512)  # kaiming_uniform(a=sqrt(5)) and the bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert head.weight.abs().max() <= bound and head.bias.abs().max() <= bound
+    assert head.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)  # N(0, 0.01): 0.01
+    assert head.bias.abs().max() > bound / 2  # not a zero bias
+    assert not torch.equal(linear_head(512, 10, seed=4).weight, head.weight)
 
 
 def loader_of(pixels, labels, batch_size=16):
@@ -166,7 +211,8 @@ def test_extract_features_matches_manual_forward_and_restores_mode(pretrained, f
     assert torch.equal(got_labels, labels)
     assert all(m.training for m in model.modules())
     projections, _ = extract_features(model, loader_of(pixels, labels), use_projector=True)
-    torch.testing.assert_close(projections, expected.projections)
+    # Batches of 16 against one of 40: the matmuls round differently (projections here reach ~1e4).
+    torch.testing.assert_close(projections, expected.projections, rtol=1e-5, atol=1e-5)
     # An Accelerator (one process): same features, gathered.
     accelerated, _ = extract_features(model, loader_of(pixels, labels), accelerator=Accelerator(cpu=True))
     torch.testing.assert_close(accelerated, features)
@@ -220,6 +266,18 @@ def test_extract_features_keeps_a_frozen_backbone_in_eval_mode(pretrained, fashi
     assert model.training and model.classifier.training and not model.corinfomax.training
     with pytest.raises(ValueError, match="no projector"):
         extract_features(model, loader_of(pixels[:16], labels[:16]), use_projector=True)
+
+
+def test_linear_eval_starts_from_linear_head(pretrained, fashion_pixels):
+    # With lr 0 the head keeps its init: the accuracy is that of `linear_head(seed)` on the features.
+    model = pretrained[0]
+    pixels, labels = fashion_pixels
+    train, test = loader_of(pixels[:32], labels[:32], 32), loader_of(pixels[100:], labels[100:], 50)
+    result = linear_eval(model, train, test, num_classes=10, epochs=1, lr=0.0, seed=5)
+    features, test_labels = extract_features(model, test)
+    with torch.no_grad():
+        expected = topk_accuracy(linear_head(features.shape[1], 10, seed=5)(features), test_labels)
+    assert result == expected
 
 
 def test_linear_eval_trains_only_the_head(pretrained, fashion_pixels):
@@ -308,15 +366,80 @@ def random_view(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return normalize((((views - mean) * contrast + mean) * brightness).clamp(0, 1))
 
 
-def probe_accuracy(encoder, train, test) -> float:
-    def loader(x, y):
-        return [
-            {"pixel_values": normalize(x[i : i + 512]), "labels": y[i : i + 512]}
-            for i in range(0, len(x), 512)
-        ]
+def reference_logistic_regression(x_train, y_train, x_test, num_classes, weight_decay):
+    """The probe's problem solved independently: float64 numpy, the training set's mean/std (ddof 1,
+    floored at 1e-6), softmax cross-entropy and its gradient written out, plain scipy L-BFGS-B from zero to
+    a 1e-6 gradient. Returns the optimal objective and the test predictions."""
+    x = x_train.double().numpy()
+    mean, std = x.mean(axis=0), np.maximum(x.std(axis=0, ddof=1), 1e-6)
+    x, x_test = (x - mean) / std, (x_test.double().numpy() - mean) / std
+    n, width = x.shape
+    onehot = np.eye(num_classes)[y_train.numpy()]
 
-    x_train, y_train = extract_features(encoder, loader(*train))
-    x_test, y_test = extract_features(encoder, loader(*test))
+    def objective_and_gradient(theta):
+        weight, bias = theta[: num_classes * width].reshape(num_classes, width), theta[num_classes * width :]
+        logits = x @ weight.T + bias
+        logits -= logits.max(axis=1, keepdims=True)
+        log_z = np.log(np.exp(logits).sum(axis=1))
+        loss = np.mean(log_z - (logits * onehot).sum(axis=1)) + 0.5 * weight_decay * np.sum(weight**2)
+        residual = (np.exp(logits - log_z[:, None]) - onehot) / n
+        return loss, np.concatenate([(residual.T @ x + weight_decay * weight).ravel(), residual.sum(axis=0)])
+
+    solution = minimize(
+        objective_and_gradient,
+        np.zeros(num_classes * (width + 1)),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 10_000, "maxfun": 20_000, "gtol": 1e-6, "ftol": 0.0, "maxcor": 20},
+    )
+    assert solution.success, solution.message
+    weight, bias = (
+        solution.x[: num_classes * width].reshape(num_classes, width),
+        solution.x[num_classes * width :],
+    )
+    return solution.fun, torch.from_numpy((x_test @ weight.T + bias).argmax(axis=1))
+
+
+def assert_probe_at_the_optimum(x_train, y_train, x_test, y_test, weight_decay=1e-3):
+    probe = linear_probe(x_train, y_train, x_test, y_test, num_classes=10, weight_decay=weight_decay)
+    objective, predictions = reference_logistic_regression(x_train, y_train, x_test, 10, weight_decay)
+    reference_top1 = 100.0 * (predictions == y_test).double().mean().item()
+    print(f"probe {probe}; reference objective {objective:.8f}, top-1 {reference_top1:.2f}")
+    # float32 against float64: the objectives agree to ~1e-5 (the old AdamW probe was ~1e-3 above).
+    assert abs(probe["objective"] - objective) < 2e-5, (probe, objective)
+    assert abs(probe["top1"] - reference_top1) <= 0.3, (probe, reference_top1)
+
+
+@pytest.mark.slow
+def test_linear_probe_reaches_the_regularised_optimum_on_pixels(tmp_path):
+    # Raw Fashion-MNIST pixels: 784 strongly correlated inputs, the ill-conditioned case.
+    x_train, y_train = fashion_tensors("train", 4000, str(tmp_path))
+    x_test, y_test = fashion_tensors("test", 5000, str(tmp_path))
+    assert_probe_at_the_optimum(x_train.flatten(1), y_train, x_test.flatten(1), y_test)
+
+
+def test_linear_probe_reaches_the_regularised_optimum_on_encoder_features(tmp_path):
+    train = fashion_tensors("train", 2048, str(tmp_path))
+    test = fashion_tensors("test", 2000, str(tmp_path))
+    torch.manual_seed(0)
+    config = CorInfoMaxConfig(
+        backbone="resnet10t", backbone_kwargs={"channels": [32, 64, 128, 256], "zero_init_last": False}
+    )
+    encoder = CorInfoMaxModel(config, add_projector=False)
+    x_train, y_train = extract_features(encoder, fashion_loader(*train))
+    x_test, y_test = extract_features(encoder, fashion_loader(*test))
+    assert_probe_at_the_optimum(x_train, y_train, x_test, y_test)
+
+
+def fashion_loader(x, y):
+    return [
+        {"pixel_values": normalize(x[i : i + 512]), "labels": y[i : i + 512]} for i in range(0, len(x), 512)
+    ]
+
+
+def probe_accuracy(encoder, train, test) -> float:
+    x_train, y_train = extract_features(encoder, fashion_loader(*train))
+    x_test, y_test = extract_features(encoder, fashion_loader(*test))
     return linear_probe(x_train, y_train, x_test, y_test, num_classes=10)["top1"]
 
 

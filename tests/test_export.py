@@ -158,7 +158,8 @@ def test_publish_dry_run_writes_both_repos_with_cards(pretrained, tmp_path):
     token = "hf_notarealtokenbutsecret0123456789"
     args = {"dataset_name": "uoft-cs/cifar10", "learning_rate": 0.5, "hub_token": token, "report_to": "none"}
     (checkpoint / "training_args.json").write_text(json.dumps(args))
-    Image.new("RGB", (20, 10)).save(checkpoint / "training.png")
+    for name in ("training.png", "embeddings.png", "neighbours.png"):
+        Image.new("RGB", (20, 10)).save(checkpoint / name)
 
     # Through the command line, as a user runs it.
     spec = importlib.util.spec_from_file_location("hub_push", REPO_ROOT / "hub" / "push.py")
@@ -176,6 +177,8 @@ def test_publish_dry_run_writes_both_repos_with_cards(pretrained, tmp_path):
         "preprocessor_config.json",
         "README.md",
         "training.png",
+        "embeddings.png",
+        "neighbours.png",
         "training_args.json",
         "eval_results.json",
     } <= {p.name for p in full.iterdir()}
@@ -184,6 +187,8 @@ def test_publish_dry_run_writes_both_repos_with_cards(pretrained, tmp_path):
         "model.safetensors",
         "README.md",
         "training.png",
+        "embeddings.png",
+        "neighbours.png",
     }
     assert len(json.loads((full / "config.json").read_text())["auto_map"]) == 4
     for file in [*full.iterdir(), *backbone.iterdir()]:
@@ -193,7 +198,7 @@ def test_publish_dry_run_writes_both_repos_with_cards(pretrained, tmp_path):
     for key, value in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], value, msg=key)
 
-    card = ModelCard.load(full / "README.md")
+    card, timm_card = ModelCard.load(full / "README.md"), ModelCard.load(backbone / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
     assert {"corinfomax", "self-supervised", "custom_code"} <= set(card.data.tags)
     assert card.data.datasets == ["uoft-cs/cifar10"] and card.data.license == "apache-2.0"
@@ -203,12 +208,14 @@ def test_publish_dry_run_writes_both_repos_with_cards(pretrained, tmp_path):
         "trust_remote_code=True",
         "@inproceedings{ozsoy2022corinfomax",
         "(training.png)",
+        "(embeddings.png)",
+        "(neighbours.png)",
     ):
         assert text in card.text
+        assert text in timm_card.text or text in ("code_revision=", "trust_remote_code=True")
     assert "| 25.00 |" in card.text and "| 40.00 |" in card.text  # baselines: in the table only
     assert '"learning_rate": 0.5' in card.text and "hub_token" not in card.text
 
-    timm_card = ModelCard.load(backbone / "README.md")
     assert timm_card.data.library_name == "timm" and timm_card.data.base_model == "org/tiny"
     assert "import modeling_corinfomax" in timm_card.text and "hf-hub:org/tiny-timm" in timm_card.text
 

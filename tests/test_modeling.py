@@ -331,6 +331,19 @@ def test_cifar_stem(make_config):
     assert registered.conv1.kernel_size == (3, 3) and isinstance(registered.maxpool, nn.Identity)
 
 
+def test_cifar_stem_keeps_pytorch_default_conv_init(make_config):
+    # The official stem is a plain nn.Conv2d: kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), ...),
+    # and the model's `post_init` must not re-initialise it.
+    torch.manual_seed(0)
+    weight = CorInfoMaxModel(make_config(backbone="resnet18")).backbone.conv1.weight.detach()
+    bound = 1 / (3 * 3 * 3) ** 0.5  # fan_in = in_channels * kernel height * kernel width
+    assert weight.abs().max().item() <= bound
+    assert weight.abs().max().item() > 0.98 * bound  # 1,728 uniform draws reach the edge
+    assert weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    # kaiming_normal(fan_out) would give std sqrt(2 / (64 * 9)) = 0.059, not 0.111.
+    assert abs(weight.std().item() - (2 / (64 * 9)) ** 0.5) > 0.04
+
+
 def test_cifar_stem_on_a_non_resnet_raises(make_config):
     config = make_config(
         backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 32, "patch_size": 8}, cifar_stem=True

@@ -188,7 +188,7 @@ def test_small_run_writes_a_loadable_model_and_all_outputs(tmp_path):
     assert results["global_step"] == 3 and results["protocols"]["knn"]["k"] == 20
     log = json.loads((out / "training_log.json").read_text())
     assert [r["step"] for r in log] == [1, 2, 3]
-    assert all(r["images_per_second"] > 0 and 1 <= r["effective_rank"] <= 16 for r in log)
+    assert all(r["images_per_second"] > 0 and 1 <= r["effective_rank_R1"] <= 16 for r in log)
     assert "hub_token" not in json.loads((out / "training_args.json").read_text())
 
     from transformers import AutoModel, AutoModelForPreTraining
