@@ -25,8 +25,8 @@ if str(ROOT) not in sys.path:  # `python bench/x.py` from anywhere finds the pac
 
 from accelerate import Accelerator  # noqa: E402
 
-import train  # noqa: E402
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxForPreTraining  # noqa: E402
+from modeling_corinfomax.cli import train  # noqa: E402
 from modeling_corinfomax.data import BatchViewAugment, TwoViewAugmentation  # noqa: E402
 
 
@@ -214,7 +214,7 @@ class TrainStep:
             self.backward = torch.Tensor.backward
         self.model = torch.compile(model) if compile else model
         unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-        self.running_stats = [b for n, b in unwrapped.named_buffers() if not n.startswith("loss_fn.")]
+        self.running_stats = unwrapped.batchnorm_statistics()
         self.model.train()
         self.device, self.seed = device, seed
         self.augment = [

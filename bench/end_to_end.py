@@ -37,7 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_folder(root: Path, count: int) -> Path:
     """`count` bundled Fashion-MNIST images as 32x32 RGB PNGs in class sub-folders (a user's folder)."""
-    rows = pq.read_table(ROOT / "data" / "fashion_mnist" / "train.parquet").slice(0, count).to_pylist()
+    rows = (
+        pq.read_table(ROOT / "modeling_corinfomax" / "demo_data" / "fashion_mnist" / "train.parquet")
+        .slice(0, count)
+        .to_pylist()
+    )
     for i, row in enumerate(rows):
         folder = root / "train" / f"class_{row['label']}"
         folder.mkdir(parents=True, exist_ok=True)

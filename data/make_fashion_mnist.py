@@ -1,7 +1,7 @@
 """Build the bundled demo dataset from the real Fashion-MNIST (Debian package `dataset-fashion-mnist`).
 
     apt-get install -y dataset-fashion-mnist
-    python data/make_fashion_mnist.py            # writes data/fashion_mnist/{train,test}.parquet
+    python data/make_fashion_mnist.py            # writes modeling_corinfomax/demo_data/fashion_mnist/{train,test}.parquet
 
 The output is `datasets`-native parquet (an `image` column of PNG bytes and a `label` ClassLabel
 column), class-balanced, with a fixed seed, so the files are reproducible byte for byte.
@@ -63,7 +63,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--source", type=Path, default=SOURCE)
-    parser.add_argument("--output_dir", type=Path, default=Path(__file__).parent / "fashion_mnist")
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "modeling_corinfomax" / "demo_data" / "fashion_mnist",
+    )
     parser.add_argument("--train_per_class", type=int, default=2400)
     parser.add_argument("--test_per_class", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)

@@ -26,7 +26,7 @@ class CorInfoMaxConfig(PreTrainedConfig):
             (e.g. `{"img_size": 32, "patch_size": 4}` for a small ViT). `num_classes` and
             `pretrained` are set by us.
         cifar_stem (`bool`): replace the ResNet stem by a 3x3 stride-1 convolution without max-pool,
-            as in the paper's CIFAR and Tiny-ImageNet runs. Only for ResNet-family backbones.
+            as in the paper's CIFAR runs (its Tiny ImageNet run keeps the 7x7 stem). Only for ResNet-family backbones.
         projector_dims (`list[int]`): hidden sizes then output size of the projector MLP
             (`Linear -> [BN] -> ReLU` for each hidden size, then a bias-free `Linear`).
             `[8192, 8192, 512]` on ImageNet-1K, `[2048, 2048, 64]` on CIFAR-10.

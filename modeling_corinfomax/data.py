@@ -30,7 +30,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist"
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "demo_data" / "fashion_mnist"  # package data
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target")
 
@@ -66,7 +66,7 @@ def load_image_dataset(
     - `dataset_name`: anything `datasets.load_dataset` accepts (a Hub id, or a local folder of
       parquet/arrow files);
     - `train_dir`: a folder of images (`imagefolder`; class sub-folders give labels);
-    - neither: the bundled Fashion-MNIST subset in `data/fashion_mnist`.
+    - neither: the bundled Fashion-MNIST subset in `modeling_corinfomax/demo_data/fashion_mnist`.
     """
     import datasets  # noqa: PLC0415  (heavy import, only for entry points)
 
@@ -77,7 +77,7 @@ def load_image_dataset(
     files = {s: str(BUNDLED_DATA_DIR / f"{s}.parquet") for s in ("train", "test")}
     if not (train_dir or dataset_name or all(Path(f).exists() for f in files.values())):
         raise DataError(
-            f"the bundled dataset is missing from {BUNDLED_DATA_DIR}: run `python data/make_fashion_mnist.py` "
+            f"the bundled dataset is missing from {BUNDLED_DATA_DIR}: reinstall the package, or in a checkout run `python data/make_fashion_mnist.py` "
             "(needs `apt-get install dataset-fashion-mnist`) or pass --dataset_name/--train_dir."
         )
     try:
@@ -239,7 +239,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Augmentation settings (the paper's asymmetric BYOL/VICReg pipeline, section 3 of the method notes)
+# Augmentation settings (the paper's asymmetric BYOL/VICReg pipeline)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Publishing CorInfoMax checkpoints: the timm-format backbone, the model cards and the Hub upload.
 
-A checkpoint becomes two artifacts (hf-ecosystem notes, section 0):
+A checkpoint becomes two artifacts :
 
 - the **full model** (`org/name`): our `save_pretrained` folder with the code files, an `auto_map` for
   every head and `preprocessor_config.json`, so it loads with `trust_remote_code=True` anywhere, or
@@ -39,6 +39,8 @@ from .modeling_corinfomax import (
 from .reporting import EMBEDDING_MAP_NAME, FIGURE_CAPTIONS, NEIGHBOURS_NAME
 
 TRAINING_ARGS_NAME = "training_args.json"
+# How a card's reader gets the package: the wheel of the project's checkout (tests/test_wheel.py installs it).
+INSTALL_LINE = "`pip install corinfomax`, or `pip install .` in a checkout of the project"
 EVAL_RESULTS_NAME = "eval_results.json"
 TRAINING_FIGURE_NAME = "training.png"
 # The pictures of a run that go into the cards and the uploaded folders when the run wrote them.
@@ -529,7 +531,7 @@ features = model(**inputs).pooler_output  # ({num_features},) per image: the pre
 projections = model(**inputs).projections  # what the CorInfoMax loss sees
 ```
 
-With the `corinfomax` package installed, importing it registers the Auto classes, so no remote code runs:
+With the `corinfomax` package installed ({INSTALL_LINE}), importing it registers the Auto classes, so no remote code runs:
 
 ```python
 import modeling_corinfomax  # noqa: F401
@@ -615,7 +617,7 @@ def build_backbone_card(
     )
     needs_import = (
         f"\n**CIFAR stem:** the architecture `{arch}` is registered with timm by our package, so run "
-        "`import modeling_corinfomax` (package `corinfomax`) before loading, in timm and in transformers alike; "
+        f"`import modeling_corinfomax` (package `corinfomax`: {INSTALL_LINE}) before loading, in timm and in transformers alike; "
         f'without it timm reports "Unknown model ({arch})".\n'
         if config.cifar_stem
         else ""

@@ -211,14 +211,19 @@ class CorInfoMaxLoss(nn.Module):
                 setattr(self, name, old.to(device=new.device))
         return self
 
-    def reset_state(self) -> None:
-        """Restart the running statistics at `R = R_init * I`, `mu = 0`."""
-        with torch.no_grad():
-            for R in (self.R1, self.R2):
-                R.copy_(self.R_init * torch.eye(self.dim, dtype=R.dtype, device=R.device))
-            self.mu1.zero_()
-            self.mu2.zero_()
-            self.num_updates.zero_()
+    @classmethod
+    def from_config(cls, config, **kwargs) -> CorInfoMaxLoss:
+        """The loss a `CorInfoMaxConfig` describes (its dimension and hyperparameters)."""
+        return cls(
+            dim=config.embedding_dim,
+            alpha=config.alpha,
+            lambda_R=config.lambda_R,
+            lambda_mu=config.lambda_mu,
+            R_init=config.R_init,
+            eps=config.eps,
+            normalize=config.normalize,
+            **kwargs,
+        )
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> CorInfoMaxLossOutput:
         """z1, z2: (N, D) projections of the two views (any float dtype, this process's part of the batch)."""

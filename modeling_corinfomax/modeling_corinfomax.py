@@ -265,16 +265,14 @@ class CorInfoMaxForPreTraining(CorInfoMaxPreTrainedModel):
     def __init__(self, config: CorInfoMaxConfig):
         super().__init__(config)
         self.corinfomax = CorInfoMaxModel(config)
-        self.loss_fn = CorInfoMaxLoss(
-            dim=config.embedding_dim,
-            alpha=config.alpha,
-            lambda_R=config.lambda_R,
-            lambda_mu=config.lambda_mu,
-            R_init=config.R_init,
-            eps=config.eps,
-            normalize=config.normalize,
-        )
+        self.loss_fn = CorInfoMaxLoss.from_config(config)
         self.post_init()
+
+    def batchnorm_statistics(self) -> list[torch.Tensor]:
+        """The buffers a forward pass updates outside the loss (BatchNorm running means, variances and
+        counts), to snapshot before a step and restore after a faulty one; the loss's running covariances
+        are updated only by a successful step."""
+        return [buffer for name, buffer in self.named_buffers() if not name.startswith("loss_fn.")]
 
     def forward(
         self,

@@ -1,17 +1,18 @@
 """Hyperparameters of the original CorInfoMax runs (official README commands), as data.
 
 Each preset sets every hyperparameter of a run in `train.py` flag names; any flag given on the
-command line overrides the preset. Sources: section 5.1 of the method notes (official code at
-c0b917e). `learning_rate` is the official absolute rate at the official global batch
+command line overrides the preset. Sources: the official README commands and code
+(github.com/serdarozsoy/corinfomax-ssl at c0b917e). `learning_rate` is the official absolute rate at the official global batch
 (`lr_reference_batch_size`); train.py scales it linearly when the global batch differs.
 `LINEAR_EVAL_PRESETS` holds each run's linear evaluation, in `eval.py` flag names.
 """
 
 from __future__ import annotations
 
+from .configuration_corinfomax import IMAGENET_MEAN, IMAGENET_STD
+
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
 CIFAR100_MEAN, CIFAR100_STD = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 _COMMON = {
     "optimizer": "sgd",
@@ -162,7 +163,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# The official linear evaluation of each run (section 4.2 of the method notes) in eval.py flag names:
+# The official linear evaluation of each run (the official README and linear-evaluation code) in eval.py flag names:
 # a frozen eval-mode backbone, SGD momentum 0.9 without weight decay, 100 epochs at a global batch of
 # 256, the schedule stepped per epoch. `eval.py --preset NAME` applies it; explicit flags override it.
 _LINEAR_COSINE = {

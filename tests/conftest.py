@@ -22,7 +22,9 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FASHION_MNIST = REPO_ROOT / "data" / "fashion_mnist"
+from modeling_corinfomax.data import BUNDLED_DATA_DIR  # noqa: E402
+
+FASHION_MNIST = BUNDLED_DATA_DIR
 IMAGE_SIZE = 32
 
 

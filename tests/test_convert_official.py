@@ -4,9 +4,7 @@ with torchvision ResNets and the official projector, convert into our format wit
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,14 +33,9 @@ CIFAR10_PARAMETERS = {
 
 @pytest.fixture(scope="module")
 def converter():
-    spec = importlib.util.spec_from_file_location(
-        "convert_official", REPO_ROOT / "hub" / "convert_official.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    from modeling_corinfomax.cli import convert_official  # noqa: PLC0415
+
+    return convert_official
 
 
 def official_model(arch: str, cifar_stem: bool, dims: list[int] | None, batchnorm: bool) -> nn.Module:

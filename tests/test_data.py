@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-import train
+from modeling_corinfomax.cli import train
 from modeling_corinfomax.data import (
     BUNDLED_DATA_DIR,
     CachedRows,

@@ -2,7 +2,6 @@
 the embeddings export, image folders, Hub-cache checkpoints and their commit hash."""
 
 import functools
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -15,12 +14,12 @@ from torchvision.transforms import v2
 from transformers import AutoModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FASHION_MNIST = REPO_ROOT / "data" / "fashion_mnist"
+from modeling_corinfomax.data import BUNDLED_DATA_DIR  # noqa: E402
+
+FASHION_MNIST = BUNDLED_DATA_DIR
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
-spec = importlib.util.spec_from_file_location("eval_script", REPO_ROOT / "eval.py")
-eval_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_script)
+from modeling_corinfomax.cli import eval as eval_script  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

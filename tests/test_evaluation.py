@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from modeling_corinfomax import (
     CorInfoMaxForPreTraining,
     CorInfoMaxModel,
 )
+from modeling_corinfomax.data import BUNDLED_DATA_DIR  # noqa: E402
 from modeling_corinfomax.evaluation import (
     check_eval_results,
     class_balanced_subset,
@@ -41,7 +41,7 @@ from modeling_corinfomax.evaluation import (
     update_eval_results,
 )
 
-FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "fashion_mnist"
+FASHION_MNIST = BUNDLED_DATA_DIR
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from datasets import Image as ImageFeature
 from helpers import SMALL, assert_same_weights, run_train, start_train, weights
 from PIL import Image
 
-import train
+from modeling_corinfomax.cli import train
 from modeling_corinfomax.data import BatchViewAugment, DataError, class_indices, class_names, decode_image
 
 # SMALL with a 0.4M-parameter backbone and 64 images in batches of 16 (4 steps per epoch): seconds a run.

@@ -1,7 +1,6 @@
 """finetune.py end to end: the semi-supervised subset, Trainer without the remove_unused_columns trap,
 results merged into eval_results.json, the pipeline's label names, and the frozen-backbone probe."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,12 +12,11 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FASHION_MNIST = REPO_ROOT / "data" / "fashion_mnist"
+from modeling_corinfomax.data import BUNDLED_DATA_DIR  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("finetune_script", REPO_ROOT / "finetune.py")
-finetune = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = finetune  # its dataclasses look their module up
-spec.loader.exec_module(finetune)
+FASHION_MNIST = BUNDLED_DATA_DIR
+
+from modeling_corinfomax.cli import finetune  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

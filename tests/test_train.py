@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers import REPO_ROOT, SMALL, assert_same_weights, run_train, start_train
 
-import train
+from modeling_corinfomax.cli import train
 
 # --------------------------------------------------------------------------------------------------- flags
 
@@ -40,6 +40,18 @@ def test_bad_flags_are_refused_before_loading_data(flags, message, capsys):
         train.parse_args(flags)
     text = str(raised.value) + capsys.readouterr().err
     assert message in text
+
+
+def test_the_hf_example_flag_names_are_the_same_flags():
+    from modeling_corinfomax.cli import eval as eval_command  # noqa: PLC0415
+    from modeling_corinfomax.cli import push  # noqa: PLC0415
+
+    for parse in (train.parse_args, eval_command.parse_args):
+        extra = [] if parse is train.parse_args else ["--model_name_or_path", "m"]
+        args = parse([*extra, "--image_column_name", "picture", "--label_column_name", "kind"])
+        assert (args.image_column, args.label_column) == ("picture", "kind")
+    args = push.parse_args(["ckpt", "--hub_model_id", "org/m", "--hub_token", "t", "--hub_private_repo"])
+    assert (args.repo_id, args.token, args.private) == ("org/m", "t", True)
 
 
 def test_unknown_preset_is_refused_in_one_line():

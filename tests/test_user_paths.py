@@ -28,7 +28,7 @@ TINY = ["--backbone", "resnet10t", "--projector_dims", "64", "64", "16", "--tota
 
 
 def bundled_rows(count: int, offset: int = 0) -> list[dict]:
-    table = pq.read_table(REPO_ROOT / "data" / "fashion_mnist" / "train.parquet")
+    table = pq.read_table(REPO_ROOT / "modeling_corinfomax" / "demo_data" / "fashion_mnist" / "train.parquet")
     return table.slice(offset, count).to_pylist()
 
 

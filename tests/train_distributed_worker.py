@@ -14,8 +14,8 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
 from modeling_corinfomax import CorInfoMaxForPreTraining, CorInfoMaxLoss  # noqa: E402
+from modeling_corinfomax.cli import train  # noqa: E402
 from modeling_corinfomax.data import BatchViewAugment  # noqa: E402
 
 SMALL = [

@@ -1,0 +1,41 @@
+"""The package's commands (console scripts of the wheel; `train.py`, `eval.py`, `finetune.py` and `hub/*.py`
+in a checkout call the same `main` functions).
+
+    corinfomax-train              = modeling_corinfomax.cli.train   (also `accelerate launch -m modeling_corinfomax.cli.train`)
+    corinfomax-eval               = modeling_corinfomax.cli.eval
+    corinfomax-finetune           = modeling_corinfomax.cli.finetune
+    corinfomax-push               = modeling_corinfomax.cli.push
+    corinfomax-convert-official   = modeling_corinfomax.cli.convert_official
+
+The functions below are the console-script targets: they import their command only when called, and exit
+with 0 after a run whose `main` returns results (a dict) rather than an exit status.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+def _run(module: str) -> None:
+    status = importlib.import_module(f"modeling_corinfomax.cli.{module}").main()
+    raise SystemExit(status if isinstance(status, int) else 0)
+
+
+def train() -> None:
+    _run("train")
+
+
+def evaluate() -> None:
+    _run("eval")
+
+
+def finetune() -> None:
+    _run("finetune")
+
+
+def push() -> None:
+    _run("push")
+
+
+def convert_official() -> None:
+    _run("convert_official")
