@@ -7,7 +7,7 @@ in a checkout call the same `main` functions).
     corinfomax-push               = modeling_corinfomax.cli.push
     corinfomax-convert-official   = modeling_corinfomax.cli.convert_official
 
-The functions below are the console-script targets: they import their command only when called, and exit
+The `run_*` functions below are the console-script targets (named apart from the submodules): they import their command only when called, and exit
 with 0 after a run whose `main` returns results (a dict) rather than an exit status.
 """
 
@@ -21,21 +21,21 @@ def _run(module: str) -> None:
     raise SystemExit(status if isinstance(status, int) else 0)
 
 
-def train() -> None:
+def run_train() -> None:
     _run("train")
 
 
-def evaluate() -> None:
+def run_eval() -> None:
     _run("eval")
 
 
-def finetune() -> None:
+def run_finetune() -> None:
     _run("finetune")
 
 
-def push() -> None:
+def run_push() -> None:
     _run("push")
 
 
-def convert_official() -> None:
+def run_convert_official() -> None:
     _run("convert_official")
