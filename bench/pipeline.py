@@ -65,7 +65,7 @@ def write_synthetic_imagefolder(root: Path, n: int, size: int) -> Path:
 
 def train_args(args, workers: int, image_cache: str, data_dir: Path | None, output_dir: str):
     """`train.py`'s own resolved arguments for the demo, with the few overrides of this benchmark."""
-    import train  # noqa: PLC0415
+    from modeling_corinfomax.cli import train  # noqa: PLC0415
 
     argv = ["--dataloader_num_workers", str(workers), "--output_dir", output_dir, "--no-do_eval"]
     argv += ["--image_cache", image_cache]
@@ -85,7 +85,7 @@ def train_args(args, workers: int, image_cache: str, data_dir: Path | None, outp
 def bench_workers(
     args, workers: int, image_cache: str, data_dir: Path | None, accelerator, scratch: str
 ) -> dict:
-    import train  # noqa: PLC0415
+    from modeling_corinfomax.cli import train  # noqa: PLC0415
 
     targs = train_args(args, workers, image_cache, data_dir, scratch)
     started = time.perf_counter()
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from accelerate import Accelerator  # noqa: PLC0415
 
-    import train  # noqa: PLC0415
+    from modeling_corinfomax.cli import train  # noqa: PLC0415
 
     # The demo's precision as train.py resolves it (bf16 for the bundled data, the launcher's otherwise).
     resolved = train.parse_args(

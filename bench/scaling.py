@@ -45,7 +45,7 @@ from common import (  # noqa: E402
 
 
 def demo_args(extra: list[str] | None = None):
-    import train  # noqa: PLC0415
+    from modeling_corinfomax.cli import train  # noqa: PLC0415
 
     return train.parse_args(["--output_dir", tempfile.gettempdir(), *(extra or [])])
 

@@ -462,7 +462,7 @@ def check_trajectory(args, device: torch.device, accelerator) -> dict:
     preset, config, batch, peak_lr = case_setup(name, args.batch_size, device)
     batches, rows = trajectory_batches(config, batch, args.trajectory_steps)
     if args.trajectory_lr is None:  # the first steps of train.py's schedule (the warm-up) on this data
-        import train  # noqa: PLC0415
+        from modeling_corinfomax.cli import train  # noqa: PLC0415
 
         steps_per_epoch = rows // batch
         total_steps = math.ceil(preset["num_train_epochs"] * steps_per_epoch)

@@ -172,7 +172,7 @@ def test_a_healthy_run_does_not_warn(tmp_path):
 def test_save_best_by_rankme_keeps_the_model_of_the_best_logged_step(tmp_path, monkeypatch):
     import signal  # noqa: PLC0415
 
-    import train  # noqa: PLC0415
+    from modeling_corinfomax.cli import train  # noqa: PLC0415
 
     # A scripted RankMe that rises, falls, beats its best and falls again tests the bookkeeping; the
     # runs above log the real one. In this process, with a 0.4M-parameter backbone: seconds.
@@ -220,7 +220,7 @@ def test_save_best_by_rankme_keeps_the_model_of_the_best_logged_step(tmp_path, m
     ],
 )
 def test_bad_collapse_flags_are_refused(flags, message):
-    import train  # noqa: PLC0415
+    from modeling_corinfomax.cli import train  # noqa: PLC0415
 
     with pytest.raises(SystemExit) as raised:
         train.parse_args(flags)
@@ -228,7 +228,7 @@ def test_bad_collapse_flags_are_refused(flags, message):
 
 
 def test_a_best_model_newer_than_the_resumed_checkpoint_is_set_aside_and_a_killed_swap_completed(tmp_path):
-    import train  # noqa: PLC0415
+    from modeling_corinfomax.cli import train  # noqa: PLC0415
 
     def best_folder(name: str, step: int) -> None:
         (tmp_path / name).mkdir()
