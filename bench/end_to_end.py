@@ -93,7 +93,7 @@ def main() -> None:
     threads = len(os.sched_getaffinity(0))
     official_rate, official_rates = official(args.official_steps, threads)
     report = {
-        "machine": machine_info(),
+        "machine": machine_info(torch.device("cpu")),
         "load_average_1m": os.getloadavg()[0],
         "ours_images_per_second": ours_rate,
         "ours_per_step": ours_rates,
