@@ -1,10 +1,12 @@
 """bench/independent_eval.py: its kNN and logistic regression against direct computations."""
 
 import importlib.util
+import sys
 
 import numpy as np
 from helpers import REPO_ROOT
 
+sys.path.insert(0, str(REPO_ROOT / "bench"))  # its sibling scripts, as when run from bench/
 spec = importlib.util.spec_from_file_location("independent_eval", REPO_ROOT / "bench" / "independent_eval.py")
 independent_eval = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(independent_eval)
