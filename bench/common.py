@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:  # `python bench/x.py` from anywhere finds the pac
 from accelerate import Accelerator  # noqa: E402
 
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxForPreTraining  # noqa: E402
-from modeling_corinfomax.cli import train  # noqa: E402
-from modeling_corinfomax.data import BatchViewAugment, TwoViewAugmentation  # noqa: E402
+from modeling_corinfomax.data import TwoViewAugmentation  # noqa: E402
+from modeling_corinfomax.training import PretrainingStep, make_optimizer, peak_learning_rate  # noqa: E402
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -168,13 +168,9 @@ def write_json(name: str, payload: dict, path: str | None = None) -> Path:
 
 
 class TrainStep:
-    """Our pretraining step as `train.py` runs it.
-
-    `CorInfoMaxForPreTraining` in channels_last, prepared by an `Accelerator` (which wraps the forward
-    in bf16 autocast under `mixed_precision="bf16"`), timm's optimizer factory, the two
-    `BatchViewAugment`s on the device with a per-step generator, the snapshot of the BatchNorm
-    statistics, the finiteness check on the loss, `accelerator.backward`, `optimizer.step`,
-    `zero_grad(set_to_none=True)`. It mirrors the body of train.py's loop; keep the two in step.
+    """Our pretraining step as `train.py` runs it: `modeling_corinfomax.training.PretrainingStep` (the same
+    object train.py calls) on `CorInfoMaxForPreTraining` in channels_last, prepared by an `Accelerator`
+    (which wraps the forward in bf16 autocast under `mixed_precision="bf16"`), with timm's optimizer.
 
     Only one `Accelerator` mixed-precision setting can exist per process, so `accelerator=None` builds
     the fp32 variant without one: that is what `prepare` does under `mixed_precision="no"` on one
@@ -203,27 +199,20 @@ class TrainStep:
             model.load_state_dict(state_dict)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.optimizer = train.make_optimizer(
+        self.optimizer = make_optimizer(
             model, optimizer, lr, momentum, weight_decay, exclude_bias_and_norm_from_wd
         )
         if accelerator is not None:
             model, self.optimizer = accelerator.prepare(model, self.optimizer)
-            self.backward = accelerator.backward
         else:
             model = model.to(device)
-            self.backward = torch.Tensor.backward
         self.model = torch.compile(model) if compile else model
-        unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-        self.running_stats = unwrapped.batchnorm_statistics()
         self.model.train()
-        self.device, self.seed = device, seed
-        self.augment = [
-            BatchViewAugment(v, config.image_mean, config.image_std).to(device)
-            for v in (augmentation.view1, augmentation.view2)
-        ]
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.generator = torch.Generator(device=device)
-        self.step_count = 0
+        self.step = PretrainingStep(
+            self.model, self.optimizer, augmentation, config.image_mean, config.image_std, device,
+            accelerator=accelerator, seed=seed, channels_last=channels_last,
+        )  # fmt: skip
+        self.device, self.step_count = device, 0
 
     @classmethod
     def from_args(cls, targs, device: torch.device, accelerator: Accelerator | None = None) -> TrainStep:
@@ -233,7 +222,7 @@ class TrainStep:
             targs.two_view_augmentation,
             device,
             accelerator=accelerator,
-            lr=train.peak_learning_rate(targs),
+            lr=peak_learning_rate(targs.learning_rate, targs.total_batch_size, targs.lr_reference_batch_size),
             optimizer=targs.optimizer,
             momentum=targs.momentum,
             weight_decay=targs.weight_decay,
@@ -245,21 +234,13 @@ class TrainStep:
 
     def views(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, 3, H, W) crops -> the two normalised float views on the device."""
-        self.generator.manual_seed(hash((self.seed, self.step_count, 0)) & 0x7FFFFFFF)
-        v1 = self.augment[0](view1, self.generator, self.memory_format)
-        v2 = self.augment[1](view2, self.generator, self.memory_format)
-        return v1, v2
+        return self.step.views(view1, view2, self.step_count)
 
     def update(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-        """Forward, loss check, backward, optimizer step on ready views. Returns the detached loss."""
-        # train.py snapshots the BatchNorm statistics, to undo a faulty forward's update.
-        self.stats_before = [b.clone() for b in self.running_stats]
-        out = self.model(pixel_values=v1, pixel_values_2=v2)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.step_count + 1}")
-        self.backward(out.loss)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Forward, fault check, backward, optimizer step on ready views. Returns the detached loss."""
+        out, fault = self.step.update(v1, v2)
+        if fault is not None:
+            raise FloatingPointError(f"step {self.step_count + 1}: {fault}")
         self.step_count += 1
         return out.loss.detach()
 

@@ -28,7 +28,7 @@ Sections, each a table and a key of the JSON (`--output`, default `bench/results
   backward), counted with `torch.utils.flop_counter.FlopCounterMode`;
 - loss: `CorInfoMaxLoss` alone (float64 inside, forward + backward) on (batch, D) projections, D = 512
   and 128, as a share of our step's time;
-- pipeline: the step fed by a DataLoader whose workers make the two views' crops (`DecodedImages`
+- pipeline: the step fed by a DataLoader whose workers make the two views' crops (`InMemoryTwoViewDataset`
   batched crops of a synthetic in-memory uint8 set: no decoding, so a lower bound for real images),
   against the same step on pre-made crops and on pre-made views; pipeline share = 1 - compute / end
   to end;
@@ -68,7 +68,7 @@ from train_step import (  # noqa: E402
 )
 
 from modeling_corinfomax import CorInfoMaxLoss  # noqa: E402
-from modeling_corinfomax.data import DecodedImages, TwoViewAugmentation  # noqa: E402
+from modeling_corinfomax.data import InMemoryTwoViewDataset, TwoViewAugmentation  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def pipeline_section(sizes: Sizes, device: torch.device, accelerator) -> dict:
     _, config, batch, _ = case_setup(sizes.case, sizes.batch, device)
     generator = torch.Generator().manual_seed(0)
     shape = (sizes.source_images, 3, sizes.source_size, sizes.source_size)
-    images = DecodedImages(
+    images = InMemoryTwoViewDataset(
         torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator),
         config.image_size,
         TwoViewAugmentation(),
@@ -478,8 +478,8 @@ def print_sections(results: dict, kind: str) -> None:
     print_table(
         [pipeline["row"]],
         list(pipeline["row"]),
-        title=f"data pipeline: DecodedImages crops in {pipeline['workers']} worker(s) from synthetic uint8 "
-        f"images {pipeline['source_images']}, colour ops on the device",
+        title=f"data pipeline: InMemoryTwoViewDataset crops in {pipeline['workers']} worker(s) from "
+        f"synthetic uint8 images {pipeline['source_images']}, colour ops on the device",
     )
     rows = [
         {"comparison": k, "loss rel. error": v["loss"], "grad rel. error": v["grad"]}

@@ -9,8 +9,8 @@
 The settings are `train.DEFAULTS` (the no-argument demo), and the loader is the one `train.py`
 builds (`train.build_dataloaders`, prepared by Accelerate), in the two modes of `--image_cache`:
 `on`, the split decoded once and both views' crops made a batch at a time in the main process
-(`DecodedImages`, what the demo uses), and `off`, decode + two random-resized crops per image in
-DataLoader workers (`ImageRows`, `ExampleCollator`). Per repeat, alternately:
+(`InMemoryTwoViewDataset`, what the demo uses), and `off`, decode + two random-resized crops per image
+in DataLoader workers (`ImageViewDataset`, `ExampleCollator`). Per repeat, alternately:
 
 - end to end: a fresh epoch iterator (`train.py` restarts its workers every epoch), the time to the
   first batch (worker start-up), then `--steps` training steps fed by the loader;
@@ -86,6 +86,7 @@ def bench_workers(
     args, workers: int, image_cache: str, data_dir: Path | None, accelerator, scratch: str
 ) -> dict:
     from modeling_corinfomax.cli import train  # noqa: PLC0415
+    from modeling_corinfomax.data import InMemoryTwoViewDataset  # noqa: PLC0415
 
     targs = train_args(args, workers, image_cache, data_dir, scratch)
     started = time.perf_counter()
@@ -153,7 +154,7 @@ def bench_workers(
     return {
         "workers": workers,
         "image_cache": image_cache,
-        "cached": isinstance(rows, train.DecodedImages),
+        "cached": isinstance(rows, InMemoryTwoViewDataset),
         "build_loader_s": build_s,
         "dataset_rows": len(rows),
         "batch_size": batch_size,
@@ -170,7 +171,7 @@ def bench_workers(
         "load_average_1m": [round(load_before, 2), round(load_after, 2)],
         "row": {
             "image cache": image_cache,
-            "workers": 0 if isinstance(rows, train.DecodedImages) else workers,  # of the training loader
+            "workers": 0 if isinstance(rows, InMemoryTwoViewDataset) else workers,  # of the training loader
             "e2e img/s": batch_size / t["end_to_end"],
             "compute+aug img/s": batch_size / t["compute_and_augment"],
             "compute img/s": batch_size / t["compute"],

@@ -422,12 +422,12 @@ def bench_case(name: str, args, device: torch.device, accelerator, baseline: str
 
 
 def trajectory_batches(config: CorInfoMaxConfig, batch: int, steps: int) -> tuple[list, int]:
-    """`steps` batches of uint8 crops from the bundled Fashion-MNIST through `ImageRows` (real images),
-    or of random pixels when the bundled data is missing; and the number of rows of that dataset."""
+    """`steps` batches of uint8 crops from the bundled Fashion-MNIST through `ImageViewDataset` (real
+    images), or of random pixels when the bundled data is missing; and the number of rows of that dataset."""
     from modeling_corinfomax.data import (  # noqa: PLC0415
         DataError,
         ExampleCollator,
-        ImageRows,
+        ImageViewDataset,
         load_image_dataset,
         resolve_columns,
     )
@@ -446,7 +446,7 @@ def trajectory_batches(config: CorInfoMaxConfig, batch: int, steps: int) -> tupl
     image_column, label_column = resolve_columns(train)
     rows = len(train)
     train = train.select(range(min(rows, batch * steps)))
-    crops = ImageRows(
+    crops = ImageViewDataset(
         train, image_column, label_column, config.image_size, augmentation=TwoViewAugmentation()
     )
     loader = torch.utils.data.DataLoader(
@@ -466,7 +466,7 @@ def check_trajectory(args, device: torch.device, accelerator) -> dict:
 
         steps_per_epoch = rows // batch
         total_steps = math.ceil(preset["num_train_epochs"] * steps_per_epoch)
-        factor = train.make_lr_lambda(argparse.Namespace(**preset), steps_per_epoch, total_steps, peak_lr)
+        factor = train.schedule(argparse.Namespace(**preset), steps_per_epoch, total_steps, peak_lr)
         lrs = [peak_lr * factor(i) for i in range(len(batches))]
     else:
         lrs = [args.trajectory_lr] * len(batches)

@@ -8,11 +8,15 @@
   step schedule, `linear_eval_scheduler`; head `linear_head`).
 - `class_balanced_subset`: the fixed, seeded label subsets of the semi-supervised protocol.
 - `update_eval_results`: the `eval_results.json` that eval.py, finetune.py and the model cards share.
+- `load_evaluation_splits`, `labelled_rows`: the labelled train/evaluation splits every command uses.
+- `evaluate_frozen`, `random_init_encoder`, `raw_pixel_features`: train.py's report (kNN + linear probe)
+  of an encoder and of its two baselines.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -27,6 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 EVAL_RESULTS_NAME = "eval_results.json"
+# The name results on the bundled demo data carry, so that train.py's and eval.py's merge into one file.
+BUNDLED_DATASET_NAME = "bundled fashion-mnist subset"
+# The kNN protocol of train.py's monitor and report and eval.py's default: cosine similarity, the k
+# nearest neighbours' votes weighted by exp(similarity / T) (InstDisc / DINO).
+KNN_K, KNN_TEMPERATURE = 20, 0.07
 
 
 def _unwrap(model: nn.Module, accelerator=None) -> nn.Module:
@@ -537,8 +546,154 @@ def update_eval_results(output_dir: str | Path, results: Mapping[str, Any]) -> d
     return merged
 
 
+# --------------------------------------------------------------------------- labelled splits and baselines
+
+
+def load_evaluation_splits(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_dir: str | None,
+    train_split: str,
+    validation_split: str | None = None,
+    validation_dir: str | None = None,
+    cache_dir: str | None = None,
+):
+    """The training split, the evaluation split and the evaluation split's name.
+
+    The evaluation split is `validation_dir` (a plain image folder, which loads as a "train" split), else
+    `validation_split` of the same source, else its 'validation' or 'test' split, whichever exists.
+    """
+    from .data import DataError, load_image_dataset  # noqa: PLC0415
+
+    def load(split: str, folder: str | None):
+        return load_image_dataset(dataset_name, dataset_config_name, folder, split, cache_dir=cache_dir)
+
+    train = load(train_split, train_dir)
+    if validation_dir:
+        split = validation_split or "train"
+        return train, load(split, validation_dir), split
+    if validation_split:
+        return train, load(validation_split, train_dir), validation_split
+    for split in ("validation", "test"):
+        try:
+            return train, load(split, train_dir), split
+        except DataError:
+            pass
+    raise DataError("no 'validation' or 'test' split found: pass --validation_split or --validation_dir.")
+
+
+def labelled_rows(
+    dataset,
+    split: str,
+    label_column: str,
+    names: list[str] | None,
+    max_samples: int | None = None,
+    seed: int = 0,
+):
+    """The labelled rows of a split: `(dataset, labels, rows)`, the split without its unlabelled images (a
+    seeded random subset of `max_samples` of them), their class indices and their row numbers in the split.
+
+    Raises `DataError` when no image of the split has a label."""
+    from .data import DataError, class_indices  # noqa: PLC0415
+
+    labels = class_indices(dataset, label_column, names, split)
+    keep = [i for i, label in enumerate(labels) if label >= 0]
+    if not keep:
+        raise DataError(
+            f"the {split!r} split has no labelled image: pass a labelled split or --label_column."
+        )
+    if len(keep) < len(labels):
+        logging.getLogger(__name__).warning(
+            "%d images of the %r split have no label; the evaluation leaves them out",
+            len(labels) - len(keep),
+            split,
+        )
+    if max_samples is not None and max_samples < len(keep):
+        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        keep = sorted(keep[i] for i in order.tolist())
+    if len(keep) < len(labels):
+        dataset = dataset.select(keep)
+    return dataset, [labels[i] for i in keep], keep
+
+
+# What train.py's report (`evaluate_frozen`) records as its protocols in eval_results.json.
+FROZEN_PROTOCOLS = {
+    "knn": {
+        "k": KNN_K,
+        "temperature": KNN_TEMPERATURE,
+        "similarity": "cosine",
+        "features": "backbone, un-augmented",
+    },
+    "linear": {"method": "logistic regression on frozen precomputed backbone features"},
+}
+
+
+def evaluate_frozen(train: tuple, test: tuple, num_classes: int) -> dict[str, float]:
+    """kNN (`KNN_K`, `KNN_TEMPERATURE`) and the exact linear probe of `(features, labels)` pairs:
+    `{"knn_top1": ..., "linear_top1": ...}` in percent."""
+    knn = knn_accuracy(*train, *test, num_classes, k=KNN_K, temperature=KNN_TEMPERATURE)
+    linear = linear_probe(*train, *test, num_classes)
+    return {"knn_top1": knn["top1"], "linear_top1": linear["top1"]}
+
+
+def zero_init_last_off(config) -> dict:
+    """timm zero-initialises the last BN of each residual block; untrained, every image then maps to
+    nearly the same vector. The random-init baseline turns it off where the architecture has it."""
+    import inspect  # noqa: PLC0415
+
+    import timm  # noqa: PLC0415
+
+    model_cls = type(
+        timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    )
+    return (
+        {"zero_init_last": False}
+        if "zero_init_last" in inspect.signature(model_cls.__init__).parameters
+        else {}
+    )
+
+
+def random_init_encoder(config, seed: int = 0) -> nn.Module:
+    """The fair untrained baseline of `config`'s encoder: the same architecture, seeded, without timm's
+    zero-init of the last BatchNorm of each residual block, and without a projector."""
+    from .configuration_corinfomax import CorInfoMaxConfig  # noqa: PLC0415
+    from .modeling_corinfomax import CorInfoMaxModel  # noqa: PLC0415
+
+    kwargs = {**config.backbone_kwargs, **zero_init_last_off(config)}
+    torch.manual_seed(seed)
+    return CorInfoMaxModel(
+        CorInfoMaxConfig(**{**config.to_dict(), "backbone_kwargs": kwargs}), add_projector=False
+    )
+
+
+def raw_pixel_features(
+    batches: Iterable[Mapping[str, torch.Tensor]], mean, std
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The no-learning baseline: flattened normalised pixels of uint8 `pixel_values` batches, and labels.
+    Grey images decoded to three equal channels keep one copy of each pixel (three would divide the
+    probe's L2 penalty by three and slow its convergence)."""
+    from .data import normalize_batch  # noqa: PLC0415
+
+    xs, ys, grey = [], [], True
+    for batch in batches:
+        pixels = batch["pixel_values"]
+        grey = grey and bool((pixels == pixels[:, :1]).all())
+        xs.append(normalize_batch(pixels, mean, std))
+        ys.append(batch["labels"])
+    return torch.cat(xs)[:, : 1 if grey else None].flatten(1), torch.cat(ys)
+
+
 __all__ = [
+    "BUNDLED_DATASET_NAME",
     "EVAL_RESULTS_NAME",
+    "FROZEN_PROTOCOLS",
+    "KNN_K",
+    "KNN_TEMPERATURE",
+    "evaluate_frozen",
+    "labelled_rows",
+    "load_evaluation_splits",
+    "random_init_encoder",
+    "raw_pixel_features",
     "LINEAR_EVAL_SCHEDULES",
     "check_eval_results",
     "class_balanced_subset",

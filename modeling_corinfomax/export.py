@@ -26,7 +26,7 @@ from typing import Any
 import timm
 import torch
 import transformers
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 from timm.models import save_for_hf
 
 from .configuration_corinfomax import CorInfoMaxConfig
@@ -509,7 +509,7 @@ def build_model_card(
         eval_results=eval_results_to_model_index(results, eval_dataset) if results else None,
     )
     backbone_line = (
-        f"The backbone alone, in timm format (no custom code): [{backbone_repo_id}]({_hub_url(backbone_repo_id)})."
+        f" The backbone alone, in timm format (no custom code): [{backbone_repo_id}]({_hub_url(backbone_repo_id)})."
         if backbone_repo_id
         else ""
     )
@@ -569,7 +569,7 @@ classifier = AutoModelForImageClassification.from_pretrained(
             f"A [CorInfoMax](https://arxiv.org/abs/{PAPER_ARXIV_ID}) self-supervised `{config.backbone}`"
             f"{' (CIFAR stem)' if config.cifar_stem else ''}: {_CONTENTS.get(type(model).__name__, 'the model')}, "
             'as a transformers model (`model_type="corinfomax"`, remote code for '
-            "`AutoModel`, `AutoModelForPreTraining` and `AutoModelForImageClassification`). " + backbone_line,
+            "`AutoModel`, `AutoModelForPreTraining` and `AutoModelForImageClassification`)." + backbone_line,
             "",
             _model_summary(config, num_features),
             "",
@@ -628,7 +628,7 @@ def build_backbone_card(
         else ""
     )
     full_line = (
-        f"The full self-supervised checkpoint (projector and loss state, to continue training): "
+        f" The full self-supervised checkpoint (projector and loss state, to continue training): "
         f"[{repo_id}]({_hub_url(repo_id)})."
         if repo_id
         else ""
@@ -669,7 +669,7 @@ classifier = AutoModelForImageClassification.from_pretrained("{backbone_repo_id}
             "",
             f"The backbone of a [CorInfoMax](https://arxiv.org/abs/{PAPER_ARXIV_ID}) self-supervised "
             f"`{config.backbone}`{' (CIFAR stem)' if config.cifar_stem else ''}, in timm's format (architecture "
-            f"`{arch}`, no classifier). " + full_line,
+            f"`{arch}`, no classifier)." + full_line,
             "",
             _model_summary(
                 config, num_features, projector_label="projector (training only, in the full repo)"
@@ -685,6 +685,54 @@ classifier = AutoModelForImageClassification.from_pretrained("{backbone_repo_id}
     return _render(card_data, body)
 
 
+def write_model_folder(
+    model: torch.nn.Module,
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    backbone_repo_id: str | None = None,
+    run_dir: str | os.PathLike | None = None,
+    *,
+    license: str = DEFAULT_LICENSE,
+    tags: list[str] | None = None,
+    max_shard_size: int | str | None = "50GB",
+) -> Path:
+    """Write the full model's folder to upload: `save_pretrained` (weights, config with the `auto_map` of
+    every head, the code files, `preprocessor_config.json`), the run's `training_args.json`,
+    `eval_results.json` and pictures when `run_dir` holds them (secrets removed), and the model card.
+
+    Args:
+        model: a `CorInfoMaxModel`, `CorInfoMaxForPreTraining` or `CorInfoMaxForImageClassification`.
+        model_dir: the folder to write (created if needed).
+        repo_id: `org/name` the folder is for (named in the card).
+        backbone_repo_id: the timm-format backbone's repo, linked from the card; None for no link.
+        run_dir: a training output folder (train.py's `--output_dir`) whose files describe these weights.
+        license: the card's license.
+        tags: extra card tags, after ours.
+        max_shard_size: passed to `save_pretrained`.
+
+    Returns:
+        `model_dir` as a `Path`.
+    """
+    if run_dir is not None and not Path(run_dir).is_dir():
+        raise FileNotFoundError(
+            f"run_dir={str(run_dir)!r} is not a folder: pass the training output folder (train.py's "
+            "--output_dir) whose training_args.json and eval_results.json describe these weights, or None."
+        )
+    model_dir = Path(model_dir)
+    model.save_pretrained(model_dir, max_shard_size=max_shard_size)
+    training_args, results, figures = _card_context(run_dir)
+    if training_args is not None:
+        (model_dir / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
+    if results is not None:
+        (model_dir / EVAL_RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+    for name in figures:
+        shutil.copyfile(Path(run_dir) / name, model_dir / name)
+    card = build_model_card(model, repo_id, backbone_repo_id, run_dir, license=license)
+    card.data.tags = [*card.data.tags, *(tag for tag in tags or [] if tag not in card.data.tags)]
+    card.save(model_dir / "README.md")
+    return model_dir
+
+
 def prepare_artifacts(
     checkpoint_dir: str | os.PathLike,
     repo_id: str,
@@ -694,26 +742,20 @@ def prepare_artifacts(
     *,
     license: str = DEFAULT_LICENSE,
 ) -> tuple[Path, Path]:
-    """Write the two folders to upload: the full model (`save_pretrained` with code files, `auto_map` for
-    every head, `preprocessor_config.json`, README, and the run's `training_args.json`, `eval_results.json`
-    and its pictures) and the timm-format backbone with its README."""
-    checkpoint_dir, model_dir, backbone_dir = Path(checkpoint_dir), Path(model_dir), Path(backbone_dir)
+    """Write the two folders to upload: the full model (`write_model_folder`: `save_pretrained` with code
+    files, `auto_map` for every head, `preprocessor_config.json`, README, and the run's
+    `training_args.json`, `eval_results.json` and its pictures) and the timm-format backbone with its
+    README and the pictures."""
+    checkpoint_dir, backbone_dir = Path(checkpoint_dir), Path(backbone_dir)
     model = load_saved_model(checkpoint_dir)
-    model.save_pretrained(model_dir)
+    model_dir = write_model_folder(
+        model, model_dir, repo_id, backbone_repo_id, checkpoint_dir, license=license
+    )
     export_timm_backbone(
         model, backbone_dir, license=license, description=f"CorInfoMax backbone of {repo_id}"
     )
-    training_args, results, figures = _card_context(checkpoint_dir)
-    if training_args is not None:
-        (model_dir / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
-    if results is not None:
-        (model_dir / EVAL_RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
-    for name in figures:
-        for folder in (model_dir, backbone_dir):
-            shutil.copyfile(checkpoint_dir / name, folder / name)
-    build_model_card(model, repo_id, backbone_repo_id, checkpoint_dir, license=license).save(
-        model_dir / "README.md"
-    )
+    for name in _card_context(checkpoint_dir)[2]:
+        shutil.copyfile(checkpoint_dir / name, backbone_dir / name)
     build_backbone_card(model, backbone_repo_id, repo_id, checkpoint_dir, license=license).save(
         backbone_dir / "README.md"
     )
@@ -826,6 +868,56 @@ def publish(
     return result
 
 
+def push_model(
+    model: torch.nn.Module,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+    run_dir: str | os.PathLike | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> CommitInfo:
+    """Upload one model to one repo, as `PreTrainedModel.push_to_hub` does, with the folder `publish`
+    uploads for the full model (`write_model_folder`: our card, the code files, `auto_map`, processor, and
+    `run_dir`'s training arguments, results and pictures). What our models' `push_to_hub` calls.
+
+    The arguments up to `tags` are those of transformers' `push_to_hub`: the repo is created if needed
+    (`private` applies to a new repo only), `revision` names a branch (created from `main` if missing),
+    `create_pr` opens a pull request instead of committing. As there, files already in the repo and not
+    in the folder are kept; `publish` mirrors the checkpoint instead, and also uploads the timm-format
+    backbone. `run_dir` and `license` are as in `write_model_folder`. A file containing the token is
+    never uploaded.
+
+    Returns:
+        The `huggingface_hub.CommitInfo` of the commit (or pull request).
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    secret = token if isinstance(token, str) else get_token()
+    with tempfile.TemporaryDirectory(prefix="corinfomax-push-") as tmp:
+        folder = write_model_folder(
+            model, tmp, repo_id, None, run_dir, license=license, tags=tags, max_shard_size=max_shard_size
+        )
+        assert_no_secret([folder], secret)
+        if revision and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or f"Upload {type(model).__name__}",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+        )
+
+
 __all__ = [
     "build_backbone_card",
     "build_model_card",
@@ -836,7 +928,9 @@ __all__ = [
     "parse_eval_results",
     "prepare_artifacts",
     "publish",
+    "push_model",
     "timm_architecture",
     "timm_data_config",
     "unwrap_corinfomax",
+    "write_model_folder",
 ]

@@ -76,7 +76,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 class _CholeskyLogDet(torch.autograd.Function):
-    """log det(A) of a symmetric positive-definite matrix through its Cholesky factor L; d/dA = A^{-1}.
+    """log det(A) of symmetric positive-definite matrices `(..., D, D)` through their Cholesky factors L;
+    d/dA = A^{-1}.
 
     The forward factorisation is reused by the backward (`cholesky_solve` against the identity), so the
     gradient costs two triangular solves instead of a second factorisation. Under `create_graph=True`
@@ -86,7 +87,7 @@ class _CholeskyLogDet(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(A, L)
-        return 2.0 * torch.log(torch.diagonal(L)).sum()
+        return 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -95,18 +96,24 @@ class _CholeskyLogDet(torch.autograd.Function):
             inverse = torch.cholesky_inverse(torch.linalg.cholesky(A))
         else:
             inverse = torch.cholesky_solve(torch.eye(A.shape[-1], dtype=A.dtype, device=A.device), L)
-        return grad * inverse, None
+        return grad[..., None, None] * inverse, None
 
 
-def cholesky_logdet(A: torch.Tensor, what: str = "matrix") -> tuple[torch.Tensor, str | None]:
-    """Log-determinant of a symmetric positive-definite matrix, with the Cholesky error code checked.
+def cholesky_logdet(A: torch.Tensor, what: str | list[str] = "matrix") -> tuple[torch.Tensor, str | None]:
+    """Log-determinant of a symmetric positive-definite matrix `(D, D)`, or of each of a batch
+    `(B, D, D)`, with the Cholesky error codes and finiteness checked in one host synchronisation.
 
-    Returns `(logdet, None)`, or `(nan, message)` when `A` is not positive definite; the message names
-    `what` and the smallest eigenvalue.
+    Returns `(logdet, None)`, `logdet` of shape `A.shape[:-2]`, or `(nan, message)` when a matrix is
+    not finite or not positive definite; the message names it (`what`, one name per matrix of a batch)
+    and its smallest eigenvalue.
     """
     L, info = torch.linalg.cholesky_ex(A.detach())
-    if info.item() != 0:
-        return A.new_tensor(float("nan")), _not_positive_definite(A, what)
+    # One `.item()`: each host sync stalls a GPU's queue.
+    if not (torch.isfinite(A).all() & (info == 0).all()).item():
+        matrices, codes = A.detach().reshape(-1, *A.shape[-2:]), info.reshape(-1)
+        names = [what] * len(codes) if isinstance(what, str) else list(what)
+        bad = next(i for i, M in enumerate(matrices) if codes[i] != 0 or not torch.isfinite(M).all())
+        return A.new_full(A.shape[:-2], float("nan")), _not_positive_definite(matrices[bad], names[bad])
     return _CholeskyLogDet.apply(A, L), None
 
 
@@ -245,17 +252,14 @@ class CorInfoMaxLoss(nn.Module):
             R1, mu1 = self._update(z1, self.R1, self.mu1)
             R2, mu2 = self._update(z2, self.R2, self.mu2)
             eye = self.eps * torch.eye(self.dim, dtype=torch.float64, device=z1.device)
-            matrices = {"R1 (view 1)": R1 + eye, "R2 (view 2)": R2 + eye}
-            factors = {view: torch.linalg.cholesky_ex(A.detach()) for view, A in matrices.items()}
-            # Every check in one host sync: each `.item()` or `if tensor` stalls a GPU's queue.
-            finite = torch.isfinite(z1).all() & torch.isfinite(z2).all()
-            if not (finite & (factors["R1 (view 1)"].info == 0) & (factors["R2 (view 2)"].info == 0)).item():
-                if not finite:
-                    return self._fail("non-finite projections", invariance)
-                view = next(v for v, f in factors.items() if f.info != 0)
-                error = _not_positive_definite(matrices[view], f"the running covariance {view} + eps*I")
-                return self._fail(error, invariance)
-            logdets = [_CholeskyLogDet.apply(A, factors[view].L) for view, A in matrices.items()]
+            logdets, error = cholesky_logdet(
+                torch.stack([R1, R2]) + eye,
+                [f"the running covariance {view} + eps*I" for view in ("R1 (view 1)", "R2 (view 2)")],
+            )
+            if error is not None:
+                # A non-finite projection makes its view's covariance non-finite: name the cause.
+                finite = torch.isfinite(z1).all() & torch.isfinite(z2).all()
+                return self._fail(error if finite else "non-finite projections", invariance)
             covariance = -(logdets[0] + logdets[1]) / self.dim
             loss = self.alpha * invariance + covariance
         if self.training:

@@ -4,12 +4,111 @@ Each preset sets every hyperparameter of a run in `train.py` flag names; any fla
 command line overrides the preset. Sources: the official README commands and code
 (github.com/serdarozsoy/corinfomax-ssl at c0b917e). `learning_rate` is the official absolute rate at the official global batch
 (`lr_reference_batch_size`); train.py scales it linearly when the global batch differs.
-`LINEAR_EVAL_PRESETS` holds each run's linear evaluation, in `eval.py` flag names.
+`LINEAR_EVAL_PRESETS` holds each run's linear evaluation, in `eval.py` flag names. `DEFAULTS` is the
+no-argument run of train.py (the bundled demo), the base every preset overrides.
 """
 
 from __future__ import annotations
 
 from .configuration_corinfomax import IMAGENET_MEAN, IMAGENET_STD
+
+# The no-argument run: the bundled Fashion-MNIST demo, sized for 10 minutes on 2 CPU cores.
+DEFAULTS: dict = {  # train.py flag names; a --preset, a --config file and flags override them
+    # data
+    "dataset_name": None,
+    "dataset_config_name": None,
+    "train_dir": None,
+    "train_split": "train",
+    "validation_split": "test",
+    "image_column": None,
+    "label_column": None,
+    "max_train_samples": None,
+    "max_eval_samples": 2000,
+    "streaming": False,
+    "cache_dir": None,
+    "skip_bad_images": False,
+    "augmentation": {
+        "view1": {
+            "crop_scale": [0.4, 1.0],
+            "hue": 0.0,
+            "saturation": 0.0,
+            "blur_p": 0.5,
+            "blur_sigma": [0.1, 1.0],
+        },
+        "view2": {
+            "crop_scale": [0.4, 1.0],
+            "hue": 0.0,
+            "saturation": 0.0,
+            "blur_p": 0.1,
+            "blur_sigma": [0.1, 1.0],
+            "solarize_p": 0.2,
+        },
+    },
+    # model (CorInfoMaxConfig fields)
+    "backbone": "resnet18",
+    "backbone_kwargs": {},
+    "cifar_stem": False,
+    "projector_dims": [1024, 1024, 64],
+    "projector_batchnorm": False,
+    "normalize": True,
+    "alpha": 250.0,
+    "lambda_R": 0.01,
+    "lambda_mu": 0.01,
+    "R_init": 1.0,
+    "eps": 1e-8,
+    "image_size": 28,
+    "image_mean": [0.2860, 0.2860, 0.2860],
+    "image_std": [0.3530, 0.3530, 0.3530],
+    # optimisation
+    "optimizer": "sgd",
+    "learning_rate": 0.5,
+    "lr_reference_batch_size": 256,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "exclude_bias_and_norm_from_wd": False,
+    "per_device_train_batch_size": None,
+    "total_batch_size": 256,
+    "gradient_accumulation_steps": 1,
+    "num_train_epochs": 8,
+    "min_train_steps": 700,
+    "max_train_steps": None,
+    "time_budget_minutes": None,
+    "warmup_epochs": 1.0,
+    "warmup_start_lr": 3e-3,
+    "min_lr": 1e-6,
+    "seed": 0,
+    # speed and distribution
+    "mixed_precision": "auto",
+    "num_threads": None,
+    "channels_last": True,
+    "torch_compile": False,
+    "dataloader_num_workers": None,
+    "image_cache": "auto",
+    "image_cache_max_gb": 2.0,
+    "sync_bn": False,
+    # checkpoints, monitoring, output
+    "output_dir": "outputs/corinfomax-demo",
+    "checkpointing_steps": None,
+    "resume_from_checkpoint": None,
+    "save_total_limit": None,
+    "report_to": "none",
+    "logging_steps": 10,
+    "eval_steps": None,
+    "on_nan": "stop",
+    "rankme_samples": 256,
+    "collapse_window": 5,
+    "collapse_rank_drop": 0.5,
+    "collapse_min_rank": 0.05,
+    "collapse_patience": 5,
+    "save_best_by": "none",
+    "do_eval": True,
+    "eval_baselines": True,
+    "max_eval_train_samples": None,
+    "push_to_hub": False,
+    "hub_model_id": None,
+    "hub_token": None,
+    "hub_private_repo": False,
+}
 
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
 CIFAR100_MEAN, CIFAR100_STD = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]

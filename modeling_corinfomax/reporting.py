@@ -2,6 +2,7 @@
 
 Both are written next to the model by train.py (with labels, after the final evaluation) and copied into
 the model cards by `export.prepare_artifacts`. They need matplotlib, which the scripts import lazily.
+`plot_training` draws the run's loss curves and projection spectrum (`training.png`).
 
 - `embeddings.png`: the test embeddings projected on their first two principal components (of the
   L2-normalised features, the geometry kNN uses), one colour per class when labels exist.
@@ -18,6 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+TRAINING_ARGS_NAME = "training_args.json"  # every resolved flag of the run
+TRAINING_LOG_NAME = "training_log.json"  # one record per --logging_steps
+TRAINING_FIGURE_NAME = "training.png"  # loss curves and the projection spectrum
 EMBEDDING_MAP_NAME = "embeddings.png"
 NEIGHBOURS_NAME = "neighbours.png"
 FIGURE_CAPTIONS = {
@@ -191,3 +195,27 @@ def write_embedding_pictures(
         )
     )
     return written
+
+
+def plot_training(path: Path, history: list[dict], spectrum_start, spectrum_end) -> None:
+    """Loss curves (total and the two terms) and the projection covariance spectrum at start vs end."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    steps = [h["step"] for h in history]
+    for ax, key, title in zip(
+        axes[:3],
+        ("loss", "invariance_loss", "covariance_loss"),
+        ("CorInfoMax loss", "invariance term (MSE)", "covariance term (-logdet/D)"),
+        strict=True,
+    ):
+        ax.plot(steps, [h[key] for h in history])
+        ax.set(title=title, xlabel="step")
+    ax = axes[3]
+    if spectrum_start is not None and spectrum_end is not None:
+        ax.semilogy(spectrum_start.clamp_min(1e-12).numpy(), label="start")
+        ax.semilogy(spectrum_end.clamp_min(1e-12).numpy(), label="end")
+        ax.legend()
+    ax.set(title="projection covariance eigenvalues", xlabel="index (sorted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

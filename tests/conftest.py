@@ -81,6 +81,16 @@ def fashion_mnist(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fashion_uint8() -> torch.Tensor:
+    """128 real Fashion-MNIST test images as (128, 3, 28, 28) uint8 (grey: three equal channels)."""
+    from datasets import Dataset  # noqa: PLC0415
+    from torchvision.transforms.v2 import functional as TF  # noqa: PLC0415
+
+    rows = Dataset.from_parquet(str(FASHION_MNIST / "test.parquet")).select(range(128))
+    return torch.stack([TF.pil_to_tensor(row["image"].convert("RGB")) for row in rows])
+
+
+@pytest.fixture(scope="session")
 def fashion_pixels(fashion_mnist):
     """`(pixel_values (200, 3, 32, 32), labels (200,))` of the train subset, normalised as the tiny config."""
     transform = image_transform(CorInfoMaxConfig(**tiny_config_kwargs()))

@@ -1,10 +1,14 @@
-"""Helpers for the tests that run train.py in a subprocess (test_train.py, test_faults.py)."""
+"""Helpers for the tests that run train.py in a subprocess (test_train.py, test_faults.py, ...)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,6 +60,64 @@ def start_train(args: list[str], **kwargs) -> subprocess.Popen:
         text=True,
         **kwargs,
     )
+
+
+class TrainInBackground:
+    """train.py in the background, in its own session (a process group: its DataLoader workers too), to be
+    signalled when it reaches a given point, never after a fixed sleep. A thread reads its merged stdout
+    and stderr line by line, so a full pipe never stalls the run while the test waits.
+
+    Use as a context manager: a run still alive at the end (a failed wait) is killed.
+    """
+
+    def __init__(self, args: list[str]):
+        self.proc = start_train(args, start_new_session=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # universal newlines: tqdm's carriage returns end lines too
+            self.lines.append(line)
+
+    def __enter__(self) -> TrainInBackground:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.send(signal.SIGKILL)
+        self.finish()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+        """Return as soon as `condition()` holds (it is checked every 2 ms: file conditions, such as a
+        checkpoint folder appearing, cannot be waited on otherwise); fail if the run ends first, or after
+        `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                self.reader.join(timeout=60)
+                raise AssertionError(
+                    f"train.py ended (exit {self.proc.returncode}) before {what}:\n{self.output()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} after {timeout} s:\n{self.output()[-3000:]}")
+            time.sleep(0.002)
+
+    def send(self, sig: int, group: bool = True) -> None:
+        """Send `sig` to the whole process group, or to the main process only."""
+        if group:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        """Wait for the run to end; its exit status (-N for signal N) and everything it printed."""
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=timeout)
+        return self.proc.returncode, self.output()
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 
     python tests/hub_clients.py '<json arguments>'
 
-It loads everything by repo id, first with `import modeling_corinfomax` blocked (a machine without our
-package), then with the package imported. The test sets HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE...
+It loads everything by repo id (or, with `"push"` in the arguments, pushes with `push_to_hub`), first
+with `import modeling_corinfomax` blocked (a machine without our package), then with the package
+imported. The test sets HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE...
 in the environment before the interpreter starts, since huggingface_hub reads them at import. Every check prints one `OK <what>` line; any failure
 raises (non-zero exit).
 """
@@ -159,5 +160,37 @@ def load_everything(args: dict) -> None:
     with_package(args)
 
 
+def push_everything(args: dict) -> None:
+    """`push_to_hub` on our models: as remote code without the package (transformers' generic card), then
+    with the package (our card and files) for a pretraining model with its run's files, on a branch of a
+    new repo, and for a classifier with an explicit token, private, with an extra tag."""
+    import os  # noqa: PLC0415
+
+    push, checkpoints = args["push"], args["checkpoints"]
+    blocker = block_package()
+    from transformers import AutoModelForImageClassification  # noqa: PLC0415
+
+    remote = AutoModelForImageClassification.from_pretrained(
+        args["a"]["repo"], trust_remote_code=True, num_labels=3
+    )
+    assert type(remote).__module__.startswith("transformers_modules."), type(remote).__module__
+    remote.push_to_hub(push["remote_repo"])
+    print("OK remote-code push_to_hub")
+    sys.meta_path.remove(blocker)
+
+    from modeling_corinfomax import CorInfoMaxForImageClassification, CorInfoMaxForPreTraining  # noqa: PLC0415
+
+    model = CorInfoMaxForPreTraining.from_pretrained(f"{checkpoints}/a")
+    commit = model.push_to_hub(
+        push["repo"], revision=push["revision"], run_dir=f"{checkpoints}/a", commit_message="push_to_hub test"
+    )
+    classifier = CorInfoMaxForImageClassification.from_pretrained(f"{checkpoints}/b", num_labels=3)
+    classifier.push_to_hub(
+        push["classifier_repo"], private=True, token=os.environ["PUSH_TOKEN"], tags=["linear-probe"]
+    )
+    print(json.dumps({"oid": commit.oid}))
+
+
 if __name__ == "__main__":
-    load_everything(json.loads(sys.argv[1]))
+    arguments = json.loads(sys.argv[1])
+    (push_everything if "push" in arguments else load_everything)(arguments)

@@ -13,6 +13,8 @@ from datasets import load_dataset
 from torchvision.transforms import v2
 from transformers import AutoModel
 
+from modeling_corinfomax.evaluation import knn_accuracy, linear_probe
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 from modeling_corinfomax.data import BUNDLED_DATA_DIR  # noqa: E402
 
@@ -38,7 +40,20 @@ def test_knn_and_precomputed_linear_on_bundled_data_then_merge_augmented_linear(
     _, checkpoint = pretrained
     out = tmp_path / "results"
     args = ["--model_name_or_path", str(checkpoint), "--output_dir", str(out), *SMALL]
-    first = eval_script.main([*args, "--protocol", "all", "--precompute_features", "--knn_k", "10", "50"])
+    embeddings = tmp_path / "embeddings"
+    first = eval_script.main(
+        [
+            *args,
+            "--protocol",
+            "all",
+            "--precompute_features",
+            "--knn_k",
+            "10",
+            "50",
+            "--save_embeddings",
+            str(embeddings),
+        ]
+    )
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved == first
     printed = capsys.readouterr().out
@@ -56,8 +71,19 @@ def test_knn_and_precomputed_linear_on_bundled_data_then_merge_augmented_linear(
     assert knn["k"] == 10 and knn["temperature"] == 0.07 and knn["similarity"] == "cosine"
     assert set(knn["by_k"]) == {"10", "50"}
     assert (saved["knn_top1"], saved["knn_top5"]) == (knn["by_k"]["10"]["top1"], knn["by_k"]["10"]["top5"])
-    for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5"):
-        assert 0.0 <= saved[key] <= 100.0
+
+    # The results are those of the features eval.py computed (saved with --save_embeddings), recomputed here.
+    def saved_features(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        files = {split: str(embeddings / f"{split}.parquet")}
+        rows = load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "cache"))[split]
+        return torch.tensor(rows["embedding"]), torch.tensor(rows["label"])
+
+    (x_train, y_train), (x_test, y_test) = saved_features("train"), saved_features("test")
+    for k in (10, 50):
+        expected = knn_accuracy(x_train, y_train, x_test, y_test, 10, k=k, temperature=0.07)
+        assert knn["by_k"][str(k)] == expected, k
+    expected = linear_probe(x_train, y_train, x_test, y_test, 10)
+    assert (saved["linear_top1"], saved["linear_top5"]) == (expected["top1"], expected["top5"])
     assert saved["knn_top1"] > 20.0 and saved["linear_top1"] > 20.0  # 10 classes: chance is 10%
     probe = saved["protocols"]["linear"]
     assert "precomputed" in probe["method"] and "L-BFGS" in probe["method"]
@@ -204,11 +230,18 @@ def test_save_embeddings_writes_loadable_features_of_each_split(pretrained, tmp_
 
 
 def test_projector_features_and_bad_flags(pretrained, tmp_path):
-    _, checkpoint = pretrained
+    model, checkpoint = pretrained
+    out = tmp_path / "embeddings"
     result = eval_script.main(
         ["--model_name_or_path", str(checkpoint), *SMALL, "--use_projector", "--knn_k", "5"]
+        + ["--save_embeddings", str(out)]
     )
     assert "projector" in result["protocols"]["knn"]["features"]
+    # What was evaluated is the projector's output, not the backbone's embedding.
+    rows = load_dataset("parquet", data_files={"test": str(out / "test.parquet")}, cache_dir=str(tmp_path))
+    assert (
+        len(rows["test"][0]["embedding"]) == model.config.projector_dims[-1] != model.corinfomax.num_features
+    )
     with pytest.raises(SystemExit):
         eval_script.parse_args(["--model_name_or_path", "x", "--dataset_name", "d", "--train_dir", "t"])
     with pytest.raises(SystemExit, match="--image_column 'pixels' is not a column"):

@@ -29,6 +29,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_stub" + secrets.token_hex(16)
 A = {"repo": "org/tiny-cifar", "backbone_repo": "org/tiny-cifar-timm"}
 B = {"repo": "org/tiny-std", "backbone_repo": "org/tiny-std-timm", "revision": "v1"}
+# push_to_hub: A's checkpoint to a branch of a new repo, B's as a classifier, A's classifier as remote code.
+PUSH = {
+    "repo": "user/tiny-cifar",
+    "revision": "v2",
+    "classifier_repo": "user/tiny-classifier",
+    "remote_repo": "user/remote-classifier",
+}
+CODE_FILES = ("configuration_corinfomax.py", "modeling_corinfomax.py", "loss.py")
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +247,65 @@ def test_publish_private_repo_on_a_branch(hub, published):
     assert error.value.code == 401
 
 
+@pytest.fixture(scope="module")
+def pushed(hub, published, checkpoints, outputs, push_home) -> dict:
+    """`push_to_hub` on our models (tests/hub_clients.py `push_everything`), after A and B were published."""
+    args = json.dumps({"a": A, "b": B, "checkpoints": str(checkpoints), "push": PUSH})
+    command = [sys.executable, str(REPO_ROOT / "tests" / "hub_clients.py"), args]
+    env = {**client_env(hub, push_home), "PUSH_TOKEN": TOKEN}
+    printed = run(command, env, outputs, cwd=push_home)
+    assert "OK remote-code push_to_hub" in printed
+    return json.loads(printed.strip().splitlines()[-1])
+
+
+def test_push_to_hub_uploads_what_publish_uploads(hub, published, pushed):
+    full = hub.files(A["repo"])  # written by hub/push.py (`publish`) from the same checkpoint
+    files = hub.files(PUSH["repo"], PUSH["revision"])
+    assert hub.repos[PUSH["repo"]].branches[PUSH["revision"]] == pushed["oid"]
+    assert set(hub.files(PUSH["repo"], "main")) == {".gitattributes"}  # the branch got the commit
+    assert set(files) == set(full)
+    for name in set(full) - {"README.md", "config.json"}:  # code files, weights, processor, run files
+        assert files[name] == full[name], name
+    assert json.loads(files["config.json"]) == json.loads(full["config.json"])
+    # The card is publish's, but for the repo it was pushed to and without the link to a timm backbone.
+    backbone_link = (
+        f" The backbone alone, in timm format (no custom code): "
+        f"[{A['backbone_repo']}]({hub.endpoint}/{A['backbone_repo']})."
+    )
+    published_card = full["README.md"].decode()
+    assert backbone_link in published_card
+    expected = published_card.replace(backbone_link, "").replace(A["repo"], PUSH["repo"])
+    assert files["README.md"].decode() == expected
+    card = ModelCard(expected)
+    assert {"corinfomax", "custom_code"} <= set(card.data.tags) and card.data.library_name == "transformers"
+    assert sorted(r.metric_value for r in card.data.eval_results) == [61.5, 66.25]
+    assert "## Evaluation" in card.text and "(training.png)" in card.text
+    assert hub.unhandled == []
+
+
+def test_push_to_hub_of_a_classifier_is_private_with_our_card_and_code(hub, pushed):
+    repo = hub.repos[PUSH["classifier_repo"]]
+    assert repo.private
+    files = hub.files(PUSH["classifier_repo"])
+    assert {*CODE_FILES, "config.json", "model.safetensors", "preprocessor_config.json"} <= set(files)
+    config = json.loads(files["config.json"])
+    assert config["architectures"] == ["CorInfoMaxForImageClassification"] and len(config["auto_map"]) == 4
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.tags[-1] == "linear-probe" and {"corinfomax", "custom_code"} <= set(card.data.tags)
+    assert "backbone and a linear classification head" in card.text
+    assert card.data.eval_results is None and "## Evaluation" not in card.text  # no run_dir: no results
+    for name in CODE_FILES:
+        assert files[name] == (REPO_ROOT / "modeling_corinfomax" / name).read_bytes(), name
+
+
+def test_push_to_hub_as_remote_code_falls_back_to_the_generic_card(hub, pushed):
+    files = hub.files(PUSH["remote_repo"])
+    assert {*CODE_FILES, "config.json", "model.safetensors"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert {"corinfomax", "custom_code"} <= set(card.data.tags)
+    assert "## How to use" not in card.text  # transformers' template, not ours
+
+
 def test_remote_code_loads_without_the_package(loaded):
     for check in REMOTE_CHECKS:
         assert f"OK {check}" in loaded
@@ -257,7 +324,7 @@ def test_offline_from_a_prefilled_cache(hub, loaded, client_home, outputs, check
     assert len(hub.requests) == seen  # nothing reached the Hub
 
 
-def test_token_is_never_written_or_printed(hub, published, loaded, push_home, client_home, outputs):
+def test_token_is_never_written_or_printed(hub, published, pushed, loaded, push_home, client_home, outputs):
     assert hub.authorizations and set(hub.authorizations) == {f"Bearer {TOKEN}"}  # the token was used...
     needle = TOKEN.encode()
     stored = [

@@ -24,6 +24,7 @@ from modeling_corinfomax import (
     ld_mutual_information,
     rankme,
 )
+from modeling_corinfomax.loss import cholesky_logdet
 
 STATE = ("R1", "R2", "mu1", "mu2")
 
@@ -35,8 +36,9 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def reference_step(z1, z2, state, *, alpha, lambda_R, lambda_mu, eps, normalize):
-    """One CorInfoMax step exactly as corinfomax-method.md section 1.2 writes it, in float64, with
-    explicit sums over samples and an eigenvalue-based log-determinant. Differentiable in z1, z2.
+    """One CorInfoMax step exactly as the official code's `CovarianceLoss` computes it (the formula in
+    CorInfoMaxLoss's docstring), in float64, with explicit sums over samples and an eigenvalue-based
+    log-determinant. Differentiable in z1, z2.
 
     Returns `(loss, invariance, covariance, new_state)`.
     """
@@ -336,13 +338,33 @@ def test_invalid_arguments_and_shapes():
 
 
 def test_isotropic_unit_vectors_reach_the_am_gm_bound():
-    # corinfomax-method.md 1.2: for unit-norm z, covariance_loss >= 2 ln D, with equality iff R = I/D.
+    # For unit-norm z, tr(R) = 1 - |mu|^2 <= 1, so by AM-GM logdet R <= D ln(1/D): covariance_loss >= 2 ln D,
+    # with equality iff R = I/D (isotropic on the sphere).
     d = 16
     g = torch.Generator().manual_seed(13)
     loss_fn = CorInfoMaxLoss(dim=d, lambda_R=0.01, lambda_mu=0.01)
     for _ in range(3):
         out = loss_fn(torch.randn(4096, d, generator=g), torch.randn(4096, d, generator=g))
     assert 2 * math.log(d) <= out.covariance_loss.item() < 2 * math.log(d) * 1.01
+
+
+def test_cholesky_logdet_of_a_batch_names_the_matrix_that_is_not_positive_definite():
+    g = torch.Generator().manual_seed(18)
+    a = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    A = (a @ a.mT + 0.1 * torch.eye(5, dtype=torch.float64)).requires_grad_()
+    logdet, error = cholesky_logdet(A, ["x", "y", "z"])
+    assert error is None and logdet.shape == (3,)
+    torch.testing.assert_close(logdet, torch.linalg.slogdet(A.detach()).logabsdet, rtol=1e-12, atol=0)
+    logdet.sum().backward()
+    torch.testing.assert_close(A.grad, torch.linalg.inv(A.detach()).mT, rtol=1e-10, atol=1e-12)
+    broken = A.detach().clone()
+    broken[1] = torch.diag(torch.tensor([-1.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    logdet, error = cholesky_logdet(broken, ["x", "y", "z"])
+    assert (
+        torch.isnan(logdet).all() and error == "y is not positive definite (smallest eigenvalue -1.000e+00)"
+    )
+    broken[1, 0, 0] = float("nan")
+    assert cholesky_logdet(broken, "R")[1] == "R is not positive definite (smallest eigenvalue nan)"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -225,24 +225,3 @@ def test_bad_collapse_flags_are_refused(flags, message):
     with pytest.raises(SystemExit) as raised:
         train.parse_args(flags)
     assert message in str(raised.value)
-
-
-def test_a_best_model_newer_than_the_resumed_checkpoint_is_set_aside_and_a_killed_swap_completed(tmp_path):
-    from modeling_corinfomax.cli import train  # noqa: PLC0415
-
-    def best_folder(name: str, step: int) -> None:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "best_model.json").write_text(json.dumps({"step": step, "rankme": 9.0}))
-
-    best_folder("best", 6)
-    train.set_aside_newer_best_model(tmp_path, {"step": 6, "rankme": 9.0})  # the checkpoint's own best
-    assert (tmp_path / "best").is_dir()
-    train.set_aside_newer_best_model(tmp_path, {"step": 4, "rankme": 8.0})  # saved after the checkpoint
-    assert not (tmp_path / "best").exists()
-    assert json.loads((tmp_path / "abandoned-best" / "best_model.json").read_text())["step"] == 6
-    # A kill between the two renames of a swap: the complete staged folder becomes best/.
-    best_folder(".tmp-best", 8)
-    best_folder(".old-best", 6)
-    train.remove_unfinished_writes(tmp_path)
-    assert json.loads((tmp_path / "best" / "best_model.json").read_text())["step"] == 8
-    assert not (tmp_path / ".tmp-best").exists() and not (tmp_path / ".old-best").exists()

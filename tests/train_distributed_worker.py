@@ -2,7 +2,8 @@
 
 Builds the training data and model exactly as train.py does, runs one step on 2 processes, checks that
 the ranks see disjoint images, that the loss is the global-batch loss and that parameters and the loss
-state stay identical; then runs train.main() for 2 steps. Rank 0 writes <out>/report.json.
+state stay identical; rank 0 writes <out>/report.json. Then runs train.main() for 2 steps into <out>/run;
+each rank writes what it returned to <out>/results_rank<N>.json.
 """
 
 import json
@@ -85,10 +86,10 @@ def main() -> None:
         "params_identical": bool(torch.equal(flats[0], flats[1])),
         "state_identical": bool(torch.equal(states[0], states[1])),
     }
-    train.main([*SMALL, "--max_train_steps", "2", "--output_dir", str(out_dir / "run")])
     if accelerator.is_main_process:
-        report["run_saved"] = (out_dir / "run" / "model.safetensors").exists()
         (out_dir / "report.json").write_text(json.dumps(report))
+    results = train.main([*SMALL, "--max_train_steps", "2", "--output_dir", str(out_dir / "run")])
+    (out_dir / f"results_rank{accelerator.process_index}.json").write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torchvision
 from torch import nn
 
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxForPreTraining
+from modeling_corinfomax.cli.flags import HelpFormatter
 from modeling_corinfomax.export import TRAINING_ARGS_NAME
 from modeling_corinfomax.modeling_corinfomax import build_projector
 from modeling_corinfomax.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS
@@ -367,9 +368,7 @@ def convert(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="an official CorInfoMax .pth file")
     parser.add_argument(
         "out_dir", help="the folder to write (CorInfoMaxForPreTraining.save_pretrained format)"

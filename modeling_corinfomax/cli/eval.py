@@ -45,33 +45,34 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.utils import cached_file, extract_commit_hash
 
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
+from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter
 from modeling_corinfomax.data import (
     DataError,
     ExampleCollator,
-    ImageRows,
+    ImageViewDataset,
     TwoViewAugmentation,
     ViewAugmentation,
-    class_indices,
     class_names,
     data_error_message,
-    load_image_dataset,
     normalize_batch,
     resolve_columns,
 )
 from modeling_corinfomax.evaluation import (
+    BUNDLED_DATASET_NAME,
+    KNN_K,
+    KNN_TEMPERATURE,
     check_eval_results,
     extract_features,
     knn_accuracy,
+    labelled_rows,
     linear_eval,
     linear_probe,
+    load_evaluation_splits,
     update_eval_results,
 )
 from modeling_corinfomax.presets import LINEAR_EVAL_PRESETS, PRESETS
 
 logger = logging.getLogger("corinfomax.eval")
-
-# Same name as train.py's report, so their results merge into one eval_results.json.
-BUNDLED_DATASET_NAME = "bundled fashion-mnist subset"
 
 # eval.py flag -> `linear_eval` argument. Unset flags take the --preset's value, else linear_eval's default.
 LINEAR_FLAGS = {
@@ -88,9 +89,7 @@ PRESET_DATA_KEYS = ("dataset_name", "dataset_config_name", "image_column", "labe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument(
         "--preset",
@@ -100,9 +99,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--model_name_or_path", required=True, help="local folder or Hub id of the checkpoint")
     g.add_argument("--revision", default=None, help="branch, tag or commit of a Hub checkpoint")
-    g.add_argument("--trust_remote_code", action="store_true", help="load the model code from the checkpoint")
     g.add_argument(
-        "--use_projector", action="store_true", help="evaluate projector outputs, not the backbone"
+        "--trust_remote_code",
+        action=BooleanFlag,
+        default=False,
+        help="load the model code from the checkpoint",
+    )
+    g.add_argument(
+        "--use_projector",
+        action=BooleanFlag,
+        default=False,
+        help="evaluate projector outputs, not the backbone",
     )
     g.add_argument("--image_size", type=int, default=None, help="crop size (default: the checkpoint's)")
 
@@ -124,12 +131,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = parser.add_argument_group("protocols")
     g.add_argument("--protocol", choices=["knn", "linear", "all"], default="knn")
     g.add_argument(
-        "--knn_k", type=int, nargs="+", default=[20, 200], help="neighbours; the first is reported"
+        "--knn_k", type=int, nargs="+", default=[KNN_K, 200], help="neighbours; the first is reported"
     )
-    g.add_argument("--knn_temperature", type=float, default=0.07, help="0.07 (DINO) or 0.1 (lightly, VISSL)")
+    g.add_argument(
+        "--knn_temperature", type=float, default=KNN_TEMPERATURE, help="0.07 (DINO) or 0.1 (lightly, VISSL)"
+    )
     g.add_argument(
         "--precompute_features",
-        action="store_true",
+        action=BooleanFlag,
+        default=False,
         help="linear probe on precomputed un-augmented features (fast) instead of the augmented protocol",
     )
     g = parser.add_argument_group(
@@ -260,46 +270,9 @@ def hyperparameters(protocol) -> dict:
     }
 
 
-def load_split(args, split: str, folder: str | None):
-    return load_image_dataset(
-        args.dataset_name, args.dataset_config_name, folder, split, cache_dir=args.cache_dir
-    )
-
-
-def load_validation(args):
-    """The evaluation split's name and rows: --validation_dir, --validation_split, else 'validation' or 'test'."""
-    if args.validation_dir:  # a plain image folder loads as a "train" split
-        split = args.validation_split or "train"
-        return split, load_split(args, split, args.validation_dir)
-    if args.validation_split:
-        return args.validation_split, load_split(args, args.validation_split, args.train_dir)
-    for split in ("validation", "test"):
-        try:
-            return split, load_split(args, split, args.train_dir)
-        except DataError:
-            pass
-    raise DataError("no 'validation' or 'test' split found: pass --validation_split or --validation_dir.")
-
-
-def labelled(dataset, split: str, label_column: str, names, max_samples: int | None, seed: int):
-    """The labelled rows of a split (a seeded random subset with `max_samples`), their class indices and
-    their row indices in the split."""
-    labels = class_indices(dataset, label_column, names, split)
-    keep = [i for i, label in enumerate(labels) if label >= 0]
-    if not keep:
-        raise DataError(
-            f"the {split!r} split has no labelled image: pass a labelled split or --label_column."
-        )
-    if max_samples is not None and max_samples < len(keep):
-        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:max_samples]
-        keep = sorted(keep[i] for i in order.tolist())
-    if len(keep) < len(labels):
-        dataset = dataset.select(keep)
-    return dataset, [labels[i] for i in keep], keep
-
-
 class Collator:
-    """uint8 rows from `ImageRows` -> normalised `pixel_values` and `labels` (view1 for augmented rows)."""
+    """uint8 examples from `ImageViewDataset` -> normalised `pixel_values` and `labels` (view1 for
+    augmented rows)."""
 
     def __init__(self, mean, std):
         self.mean, self.std, self.rows = mean, std, ExampleCollator()
@@ -320,17 +293,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data first: a dataset problem should surface before minutes of model loading.
     try:
-        train = load_split(args, args.train_split, args.train_dir)
-        validation_split, validation = load_validation(args)
+        train, validation, validation_split = load_evaluation_splits(
+            args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split,
+            args.validation_split, args.validation_dir, args.cache_dir,
+        )  # fmt: skip
         image_column, label_column = resolve_columns(
             train, args.image_column, args.label_column, need_label=True
         )
         resolve_columns(validation, image_column, label_column, need_label=True)
         names = class_names(train, label_column)
-        train, train_labels, train_rows = labelled(
+        train, train_labels, train_rows = labelled_rows(
             train, args.train_split, label_column, names, args.max_train_samples, args.seed
         )
-        validation, eval_labels, eval_rows = labelled(
+        validation, eval_labels, eval_rows = labelled_rows(
             validation, validation_split, label_column, names, args.max_eval_samples, args.seed
         )
     except DataError as error:
@@ -374,9 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
         if augmented:
             # view1 of the two-view rows: RandomResizedCrop (0.08-1, bicubic) + flip, seeded per epoch.
             crops = TwoViewAugmentation(view1=ViewAugmentation(), view2=ViewAugmentation())
-            rows = ImageRows(dataset, mode="two_view", augmentation=crops, seed=args.seed, **common)
+            rows = ImageViewDataset(dataset, mode="two_view", augmentation=crops, seed=args.seed, **common)
         else:
-            rows = ImageRows(dataset, mode="eval", **common)
+            rows = ImageViewDataset(dataset, mode="eval", **common)
         return accelerator.prepare(
             torch.utils.data.DataLoader(
                 rows,

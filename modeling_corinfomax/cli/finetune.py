@@ -43,19 +43,21 @@ from transformers.trainer_utils import get_last_checkpoint
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax.data import (
     DataError,
-    class_indices,
     class_names,
     data_error_message,
-    load_image_dataset,
     resolve_columns,
     to_rgb,
 )
-from modeling_corinfomax.evaluation import check_eval_results, class_balanced_subset, update_eval_results
+from modeling_corinfomax.evaluation import (
+    BUNDLED_DATASET_NAME,
+    check_eval_results,
+    class_balanced_subset,
+    labelled_rows,
+    load_evaluation_splits,
+    update_eval_results,
+)
 
 logger = logging.getLogger("corinfomax.finetune")
-
-# Same name as train.py's and eval.py's reports, so their results merge into one eval_results.json.
-BUNDLED_DATASET_NAME = "bundled fashion-mnist subset"
 
 
 @dataclass
@@ -119,44 +121,11 @@ class ModelArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
 
 
-def load_splits(data_args):
-    """The training and evaluation splits, and the evaluation split's name."""
-
-    def load(split: str, folder: str | None):
-        return load_image_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            folder,
-            split,
-            cache_dir=data_args.cache_dir,
-        )
-
-    train = load(data_args.train_split, data_args.train_dir)
-    if data_args.validation_dir:
-        split = data_args.validation_split or "train"  # a plain image folder loads as "train"
-        return train, load(split, data_args.validation_dir), split
-    if data_args.validation_split:
-        return train, load(data_args.validation_split, data_args.train_dir), data_args.validation_split
-    for split in ("validation", "test"):
-        try:
-            return train, load(split, data_args.train_dir), split
-        except DataError:
-            pass
-    raise DataError("no 'validation' or 'test' split found: pass --validation_split or --validation_dir.")
-
-
 def with_labels(dataset, split: str, image_column: str, label_column: str, names):
-    """The image column and checked class indices as `labels`; rows without a label are dropped."""
-    labels = class_indices(dataset, label_column, names, split)
-    keep = [i for i, label in enumerate(labels) if label >= 0]
-    if not keep:
-        raise DataError(
-            f"the {split!r} split has no labelled image: pass a labelled split or --label_column_name."
-        )
-    dataset = dataset.select_columns([image_column])
-    if len(keep) < len(labels):
-        dataset = dataset.select(keep)
-    return dataset.add_column("labels", [labels[i] for i in keep])
+    """The image column and checked class indices as `labels` (`evaluation.labelled_rows`: rows without
+    a label are dropped), the columns Trainer's transforms and collator read."""
+    dataset, labels, _ = labelled_rows(dataset, split, label_column, names)
+    return dataset.select_columns([image_column]).add_column("labels", labels)
 
 
 def build_transforms(image_processor) -> tuple[v2.Compose, v2.Compose]:
@@ -223,7 +192,10 @@ def main():
     set_seed(training_args.seed)
 
     try:
-        train, validation, validation_split = load_splits(data_args)
+        train, validation, validation_split = load_evaluation_splits(
+            data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.train_split,
+            data_args.validation_split, data_args.validation_dir, data_args.cache_dir,
+        )  # fmt: skip
         image_column, label_column = resolve_columns(
             train, data_args.image_column_name, data_args.label_column_name, need_label=True
         )

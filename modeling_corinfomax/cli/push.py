@@ -17,13 +17,12 @@ import json
 import os
 import sys
 
+from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter
 from modeling_corinfomax.export import publish
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="a CorInfoMax save_pretrained folder (train.py's --output_dir)")
     parser.add_argument(
         "--repo_id", "--hub_model_id", dest="repo_id", required=True, help="org/name of the full model"
@@ -35,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--private",
         "--hub_private_repo",
         dest="private",
-        action="store_true",
+        action=BooleanFlag,
+        default=False,
         help="create the repos as private",
     )
     parser.add_argument("--revision", help="branch to commit to (created from main if missing)")

@@ -1,0 +1,221 @@
+"""The data of `corinfomax-train` (train.py): the two-view training loader, the labelled evaluation rows,
+and the batch sizes, from the resolved flags."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+
+import torch
+
+from modeling_corinfomax.data import (
+    DataError,
+    EpochShuffleSampler,
+    ExampleCollator,
+    ImageViewDataset,
+    InMemoryTwoViewDataset,
+    IterableImageViewDataset,
+    class_names,
+    decode_split,
+    load_image_dataset,
+    resolve_columns,
+    split_stream,
+)
+from modeling_corinfomax.evaluation import labelled_rows
+from modeling_corinfomax.training import StopSignal, kill_daemon_processes
+
+logger = logging.getLogger("corinfomax.train")
+
+# The default global batch shrinks (by halves, down to MIN_DEFAULT_BATCH) until an epoch has at least
+# MIN_STEPS_PER_EPOCH steps: a few thousand images then get several times more updates in the same time.
+MIN_STEPS_PER_EPOCH, MIN_DEFAULT_BATCH = 50, 64
+
+
+def build_train_loader(args, accelerator, train, image_column: str, workers: int, loader_kwargs: dict):
+    """The two-view rows, their sampler (None for a stream) and the training DataLoader."""
+    common = {"image_column": image_column, "label_column": None, "image_size": args.image_size}
+    if args.streaming:
+        shard, stream_workers = split_stream(
+            train, accelerator.process_index, accelerator.num_processes, workers
+        )
+        if stream_workers < workers:
+            logger.info("streaming: %d DataLoader worker(s), one per shard of this process's part of the "
+                        "stream (more would read nothing)", stream_workers)  # fmt: skip
+        rows = IterableImageViewDataset(
+            shard, augmentation=args.two_view_augmentation, seed=args.seed, stream_id=accelerator.process_index,
+            **common,
+        )  # fmt: skip
+        no_workers = {} if stream_workers else {"prefetch_factor": None, "worker_init_fn": None}
+        kwargs = {**loader_kwargs, **no_workers, "num_workers": stream_workers}
+        loader = torch.utils.data.DataLoader(
+            rows, batch_size=args.per_device_train_batch_size, drop_last=True, **kwargs
+        )
+        return rows, None, loader
+    rows = None
+    if len(train) >= args.total_batch_size:  # (checked below, before decoding anything)
+        rows = decoded_rows(args, train, image_column, workers)
+    if rows is None:
+        rows = ImageViewDataset(train, augmentation=args.two_view_augmentation, seed=args.seed, **common)
+    if len(rows) < args.total_batch_size:  # (the image cache leaves out unreadable images)
+        raise DataError(
+            f"the training set has {len(rows)} images, fewer than one global batch of {args.total_batch_size}: "
+            "lower --total_batch_size/--per_device_train_batch_size or add data."
+        )
+    sampler = EpochShuffleSampler(len(rows), seed=args.seed)
+    if isinstance(rows, InMemoryTwoViewDataset):  # batched crops: no per-image work left for workers
+        loader_kwargs = {
+            "collate_fn": rows.collate,
+            "num_workers": 0,
+            "pin_memory": loader_kwargs["pin_memory"],
+        }
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=args.per_device_train_batch_size, sampler=sampler, drop_last=True, **loader_kwargs
+    )
+    return rows, sampler, loader
+
+
+def build_eval_rows(args, train, image_column: str, label_column: str | None) -> dict | None:
+    """The labelled evaluation rows (the bank: training images; the test: `--validation_split`), or None
+    (no labels, a stream, or a validation split that cannot serve: then logged)."""
+    if label_column is None or not args.validation_split or args.streaming:
+        return None
+    common = {
+        "image_column": image_column,
+        "label_column": None,
+        "image_size": args.image_size,
+        "mode": "eval",
+    }
+    try:
+        held_out = load_image_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_dir,
+            args.validation_split,
+            False,
+            args.cache_dir,
+        )
+        resolve_columns(held_out, image_column, label_column)
+        bank = train
+        if args.max_eval_train_samples:
+            bank = bank.select(range(min(args.max_eval_train_samples, len(bank))))
+        names = class_names(bank, label_column)
+        eval_rows = {"names": names}
+        for key, dataset, split in (
+            ("train", bank, args.train_split),
+            ("test", held_out, args.validation_split),
+        ):
+            dataset, labels, _ = labelled_rows(dataset, split, label_column, names)
+            eval_rows[key] = ImageViewDataset(dataset, labels=labels, **common)
+    except DataError as error:
+        logger.warning(
+            "no labelled evaluation split (%s); kNN monitoring and the final evaluation are off", error
+        )
+        return None
+    labels = eval_rows["train"].labels + eval_rows["test"].labels
+    eval_rows["num_classes"] = len(names) if names else max(labels) + 1
+    return eval_rows
+
+
+def build_dataloaders(args, accelerator):
+    """The two-view training rows, sampler and loader, the labelled evaluation rows (or None), and the
+    DataLoader settings the evaluation reuses."""
+    train = load_image_dataset(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_dir,
+        args.train_split,
+        args.streaming,
+        args.cache_dir,
+    )
+    image_column, label_column = resolve_columns(train, args.image_column, args.label_column)
+    if args.max_train_samples and not args.streaming:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    elif args.max_train_samples:
+        train = train.take(args.max_train_samples)
+    if not args.streaming and len(train) == 0:
+        raise DataError(
+            "the training split is empty: check --train_split, --train_dir or --max_train_samples."
+        )
+    resolve_batch_sizes(args, accelerator, None if args.streaming else len(train))
+    workers = args.dataloader_num_workers
+    if workers is None:  # leave the cores to the model on small machines
+        workers = max(1, min(8, (os.cpu_count() or 2) // max(1, accelerator.num_processes) - 1))
+    loader_kwargs = {
+        "num_workers": workers,
+        "pin_memory": accelerator.device.type == "cuda",
+        "collate_fn": ExampleCollator(args.skip_bad_images),
+        "persistent_workers": False,
+    }
+    if workers:
+        loader_kwargs["prefetch_factor"] = 4
+        loader_kwargs["worker_init_fn"] = StopSignal.ignore_in_worker
+        atexit.unregister(kill_daemon_processes)
+        atexit.register(kill_daemon_processes)  # registered after multiprocessing's exit handler: runs first
+    # Training never reads labels (they may be strings, or missing); the evaluation rows get checked ones.
+    rows, sampler, train_loader = build_train_loader(
+        args, accelerator, train, image_column, workers, loader_kwargs
+    )
+    eval_rows = build_eval_rows(args, train, image_column, label_column)
+    return rows, sampler, train_loader, eval_rows, loader_kwargs
+
+
+def default_batch_size(args, dataset_size: int | None) -> int:
+    """`--total_batch_size`, or for the built-in default (no preset, not set by the user) on a small
+    dataset, the largest halving of it that gives `MIN_STEPS_PER_EPOCH` steps per epoch."""
+    batch = args.total_batch_size
+    if args.preset or "total_batch_size" in args.explicit or "per_device_train_batch_size" in args.explicit:
+        return batch
+    while (
+        dataset_size is not None and batch > MIN_DEFAULT_BATCH and dataset_size // batch < MIN_STEPS_PER_EPOCH
+    ):
+        batch //= 2
+    return batch
+
+
+def resolve_batch_sizes(args, accelerator, dataset_size: int | None) -> None:
+    """Set `per_device_train_batch_size` and the actual global `total_batch_size` (what the lr scales by)."""
+    batch = default_batch_size(args, dataset_size)
+    if batch != args.total_batch_size:
+        logger.info("global batch %d (not %d) so that the %d images give %d steps per epoch; --total_batch_size "
+                    "sets it", batch, args.total_batch_size, dataset_size, dataset_size // batch)  # fmt: skip
+        args.total_batch_size = batch
+    if args.per_device_train_batch_size is None:
+        divisor = accelerator.num_processes * args.gradient_accumulation_steps
+        if args.total_batch_size % divisor:
+            raise SystemExit(
+                f"error: --total_batch_size {args.total_batch_size} is not divisible by "
+                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps."
+            )
+        args.per_device_train_batch_size = args.total_batch_size // divisor
+    if args.per_device_train_batch_size < 2:
+        raise SystemExit(
+            f"error: each process's batch is {args.per_device_train_batch_size} image(s); BatchNorm and the loss "
+            "need at least 2: raise --total_batch_size or lower --gradient_accumulation_steps."
+        )
+    args.total_batch_size = (
+        args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    )
+
+
+def decoded_rows(args, train, image_column: str, workers: int) -> InMemoryTwoViewDataset | None:
+    """The training split decoded once (`--image_cache`), or None for per-image crops in workers."""
+    if args.image_cache == "off" or args.streaming:
+        if args.image_cache == "off":
+            logger.info("--image_cache off: decoding and cropping per image in %d worker(s)", workers)
+        return None
+    images, _, bad, message = decode_split(
+        train, image_column, int(args.image_cache_max_gb * 2**30), workers, args.skip_bad_images
+    )
+    if images is None:
+        if args.image_cache == "on":
+            raise DataError(
+                f"--image_cache on: {message}. Use --image_cache auto (per-image crops then) or raise "
+                "--image_cache_max_gb."
+            )
+        logger.info("--image_cache: %s; decoding and cropping per image in %d worker(s)", message, workers)
+        return None
+    logger.info("--image_cache: %s; crops are made a batch at a time", message)
+    if bad:
+        logger.warning("skipped %d unreadable image(s), first: %s", len(bad), bad[0])
+    return InMemoryTwoViewDataset(images, args.image_size, args.two_view_augmentation, args.seed, bad)

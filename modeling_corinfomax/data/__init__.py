@@ -1,0 +1,98 @@
+"""Data for CorInfoMax, one module per pipeline stage: `datasets` loading and columns (`sources`),
+decoding to RGB (`decoding`), crop geometry (`geometry`), colour operations (`colour`), the paper's
+two-view augmentation (`augmentation`) and the PyTorch datasets, collator and sampler (`datasets`).
+
+The pipeline is split so that the expensive part runs batched:
+- decode and crop: either per image in DataLoader workers (decode, convert to RGB, random-resized-crop +
+  flip twice, as uint8 tensors: `ImageViewDataset`), or, for a split of same-size images that fits in
+  memory, decoded once into one uint8 tensor and cropped a whole batch at a time with the same
+  antialiased bicubic resampling (`decode_split`, `InMemoryTwoViewDataset`): no per-image work during
+  training;
+- in the training step, per batch, on the training device: colour jitter, grayscale, Gaussian blur,
+  solarisation and normalisation with per-sample random parameters (`BatchViewAugment`).
+
+Every random draw is a function of `(seed, epoch, sample index)`, `(seed, epoch, batch)` or
+`(seed, step, rank)`, so an interrupted and resumed run sees exactly the same views.
+"""
+
+from .augmentation import (
+    BatchViewAugment,
+    TwoViewAugmentation,
+    ViewAugmentation,
+    derive_seed,
+    normalize_batch,
+)
+from .colour import grayscale, hsv_to_rgb, rgb_to_hsv
+from .datasets import (
+    DecodedSplit,
+    EpochShuffleSampler,
+    ExampleCollator,
+    ImageViewDataset,
+    InMemoryEvalDataset,
+    InMemoryTwoViewDataset,
+    IterableImageViewDataset,
+    decode_split,
+    split_stream,
+)
+from .decoding import decode_image, decode_image_tensor, to_rgb
+from .geometry import (
+    CROP_RATIO,
+    batched_resized_crop,
+    centre_crop_box,
+    crop_view,
+    eval_view,
+    random_resized_crop_params,
+    resize_weights,
+    sample_crop_boxes,
+)
+from .sources import (
+    BUNDLED_DATA_DIR,
+    DataError,
+    class_indices,
+    class_names,
+    data_error_message,
+    label_names,
+    load_image_dataset,
+    resolve_columns,
+    undecoded_columns,
+)
+
+__all__ = [
+    "BUNDLED_DATA_DIR",
+    "CROP_RATIO",
+    "BatchViewAugment",
+    "DataError",
+    "DecodedSplit",
+    "EpochShuffleSampler",
+    "ExampleCollator",
+    "ImageViewDataset",
+    "InMemoryEvalDataset",
+    "InMemoryTwoViewDataset",
+    "IterableImageViewDataset",
+    "TwoViewAugmentation",
+    "ViewAugmentation",
+    "batched_resized_crop",
+    "centre_crop_box",
+    "class_indices",
+    "class_names",
+    "crop_view",
+    "data_error_message",
+    "decode_image",
+    "decode_image_tensor",
+    "decode_split",
+    "derive_seed",
+    "eval_view",
+    "grayscale",
+    "hsv_to_rgb",
+    "label_names",
+    "load_image_dataset",
+    "normalize_batch",
+    "random_resized_crop_params",
+    "resize_weights",
+    "resolve_columns",
+    "rgb_to_hsv",
+    "sample_crop_boxes",
+    "split_stream",
+    "to_rgb",
+    "undecoded_columns",
+]

@@ -1,0 +1,131 @@
+"""Crop geometry: torchvision's RandomResizedCrop and the evaluation resize + centre crop, per image
+(`crop_view`, `eval_view`) and for a whole batch of same-size images at once (`sample_crop_boxes`,
+`batched_resized_crop`: antialiased bicubic resampling as two matrix products)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+CROP_RATIO = (3 / 4, 4 / 3)  # the aspect ratios of RandomResizedCrop's default
+
+
+def random_resized_crop_params(height: int, width: int, scale, ratio, generator: torch.Generator):
+    """torchvision's RandomResizedCrop parameter sampling, drawn from `generator`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    return centre_crop_box(height, width, ratio)
+
+
+def centre_crop_box(height: int, width: int, ratio) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's fallback after 10 failed tries: the largest centred box of an allowed ratio."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_view(
+    image: torch.Tensor, size: int, scale, flip_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Random resized crop (area fraction in `scale`, bicubic, antialiased) to `size` x `size`, then a
+    horizontal flip with probability `flip_p`, of a (3, H, W) uint8 image; all draws from `generator`."""
+    top, left, h, w = random_resized_crop_params(
+        image.shape[-2], image.shape[-1], scale, CROP_RATIO, generator
+    )
+    view = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
+    if torch.rand(1, generator=generator).item() < flip_p:
+        view = TF.horizontal_flip(view)
+    return view
+
+
+def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Un-augmented evaluation view: resize the short side to size*8/7 (bicubic), centre-crop `size`."""
+    resized = TF.resize(image, [int(size * 8 / 7)], InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(resized, [size, size])
+
+
+# ---------------------------------------------------------------------------------------------------
+# A batch of same-size images: every image cropped to its own box, in two matrix products
+
+
+def _bicubic_aa(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    # Keys' cubic with a = -0.5: the kernel of PIL's and PyTorch's antialiased bicubic resampling.
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """Per-sample matrices (B, out_size, in_size) that resample the window `[start, start + length)` of
+    an axis of `in_size` pixels to `out_size` pixels, as `F.interpolate(mode="bicubic", antialias=True)`
+    does for the cropped window (the filter widens by the downscaling factor; each row sums to 1)."""
+    start, length = start.double(), length.double()
+    scale = (length / out_size)[:, None, None]
+    support = 2.0 * scale.clamp(min=1.0)
+    center = scale * (torch.arange(out_size, dtype=torch.float64, device=start.device)[None, :, None] + 0.5)
+    first = (center - support + 0.5).floor().clamp(min=0.0)
+    end = torch.minimum((center + support + 0.5).floor(), length[:, None, None])
+    j = torch.arange(in_size, dtype=torch.float64, device=start.device)[None, None, :] - start[:, None, None]
+    window = (j >= first) & (j < end)
+    weights = _bicubic_aa((j - center + 0.5) / scale.clamp(min=1.0)) * window
+    return (weights / weights.sum(-1, keepdim=True)).float()
+
+
+def sample_crop_boxes(
+    n: int, height: int, width: int, scale, ratio, generator: torch.Generator
+) -> tuple[torch.Tensor, ...]:
+    """`n` boxes (top, left, h, w) drawn as torchvision's RandomResizedCrop draws one: up to 10 tries of
+    an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, else the centre crop."""
+    device = generator.device
+    area = (
+        height * width * torch.empty(n, 10, device=device).uniform_(scale[0], scale[1], generator=generator)
+    )
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(torch.empty(n, 10, device=device).uniform_(log_lo, log_hi, generator=generator))
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    pick = ok.int().argmax(1, keepdim=True)  # the first successful try
+    found = ok.any(1)
+    ftop, fleft, fh, fw = centre_crop_box(height, width, ratio)
+    w = torch.where(found, w.gather(1, pick).squeeze(1), float(fw))
+    h = torch.where(found, h.gather(1, pick).squeeze(1), float(fh))
+    u = torch.rand(n, 2, device=device, generator=generator)
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), float(ftop))
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), float(fleft))
+    return top.long(), left.long(), h.long(), w.long()
+
+
+def batched_resized_crop(
+    images: torch.Tensor, top, left, h, w, flip: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Crop each (3, H, W) uint8 image of a batch to its own box, resize it to `size` with antialiased
+    bicubic resampling and flip it where `flip` is set: `TF.resized_crop(..., BICUBIC, antialias=True)`
+    then `TF.horizontal_flip` per image, as two batched matrix products (equal to within 2/255: PyTorch's
+    uint8 kernel uses fixed-point weights)."""
+    rows = resize_weights(top, h, images.shape[-2], size)  # (B, size, H)
+    cols = resize_weights(left, w, images.shape[-1], size)  # (B, size, W)
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
+    # Horizontal pass, rounded to 8 bits, then vertical: the order and rounding of PyTorch's (and PIL's)
+    # uint8 kernel, which the per-image path uses; a float-only pass differs by up to ~10/255 at edges.
+    x = (images.float() @ cols.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)  # (B, 3, H, size)
+    x = rows.unsqueeze(1) @ x  # (B, 3, size, size)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
