@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,15 @@ from accelerate import Accelerator  # noqa: E402
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxForPreTraining  # noqa: E402
 from modeling_corinfomax.data import TwoViewAugmentation  # noqa: E402
 from modeling_corinfomax.training import PretrainingStep, make_optimizer, peak_learning_rate  # noqa: E402
+
+
+def user_launch(train_flags: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`accelerate launch train.py <train_flags>` as a user types it: no launcher flag and a shell without
+    a thread setting (OMP_NUM_THREADS / MKL_NUM_THREADS), offline."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", str(ROOT / "train.py"), *train_flags]
+    return subprocess.run(command, env=env, check=True, **kwargs)
 
 
 def pick_device(name: str | None = None) -> torch.device:

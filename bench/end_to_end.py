@@ -20,15 +20,13 @@ import argparse
 import io
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from common import machine_info, median
+from common import machine_info, median, user_launch
 from PIL import Image
 from train_step import BaselineStep, case_setup
 
@@ -52,12 +50,9 @@ def make_folder(root: Path, count: int) -> Path:
 
 
 def ours(folder: Path, steps: int, out: Path) -> tuple[float, list[float], str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    command = [sys.executable, "-m", "accelerate.commands.launch", str(ROOT / "train.py"), "--preset", "cifar10",
-               "--train_dir", str(folder), "--max_train_steps", str(steps), "--no-do_eval", "--logging_steps",
-               "1", "--output_dir", str(out)]  # fmt: skip
-    result = subprocess.run(command, env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    flags = ["--preset", "cifar10", "--train_dir", str(folder), "--max_train_steps", str(steps), "--no-do_eval",
+             "--logging_steps", "1", "--output_dir", str(out)]  # fmt: skip
+    result = user_launch(flags, capture_output=True, text=True)
     chosen = [
         line.split(": ", 2)[-1]
         for line in result.stdout.splitlines()

@@ -21,10 +21,7 @@ from the lower 30 %, so the two never overlap): 300 + 100 per class. Needs `pip 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,15 +30,16 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common import user_launch  # noqa: E402
+
+from modeling_corinfomax.data import FASHION_MNIST_DIR, read_idx  # noqa: E402
+
+FASHION = FASHION_MNIST_DIR
 TEXTURE_SOURCES = ("brick", "grass", "gravel", "camera", "coffee", "coins", "astronaut", "chelsea", "rocket",
                    "hubble_deep_field")  # fmt: skip
-
-
-def read_idx(path: Path) -> np.ndarray:
-    data = gzip.open(path).read()
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
 
 
 def write_split(folder: Path, images, labels) -> None:
@@ -110,14 +108,12 @@ def main() -> None:
         print(folder)
         return
     out = Path("bench/results") / f"small_folder_{args.dataset}"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user's shell
-    command = [sys.executable, "-m", "accelerate.commands.launch", str(ROOT / "train.py"), "--train_dir",
-               str(folder), "--time_budget_minutes", str(args.time_budget_minutes), "--output_dir", str(out),
-               *args.extra]  # fmt: skip
+    flags = ["--train_dir", str(folder), "--time_budget_minutes", str(args.time_budget_minutes), "--output_dir",
+             str(out), *args.extra]  # fmt: skip
     if (out / "checkpoints").exists() or (out / "eval_results.json").exists():
         raise SystemExit(f"error: {out} holds an earlier run: delete it first.")
     start = time.time()
-    subprocess.run(command, env={**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, check=True)
+    user_launch(flags)
     wall = time.time() - start
     results = json.loads((out / "eval_results.json").read_text())
     print(f"\n{args.dataset}: {results['global_step']} steps, wall {wall / 60:.1f} min "

@@ -10,7 +10,6 @@ column), class-balanced, with a fixed seed, so the files are reproducible byte f
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 from pathlib import Path
 
@@ -18,7 +17,9 @@ import numpy as np
 from datasets import ClassLabel, Dataset, Features, Image
 from PIL import Image as PILImage
 
-SOURCE = Path("/usr/share/datasets/fashion-mnist")
+from modeling_corinfomax.data import FASHION_MNIST_DIR, read_idx
+
+SOURCE = FASHION_MNIST_DIR
 CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -31,14 +32,6 @@ CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an idx(.gz) file of the MNIST family into a uint8 array."""
-    raw = gzip.open(path).read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def balanced_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

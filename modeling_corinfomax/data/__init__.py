@@ -47,12 +47,14 @@ from .geometry import (
 )
 from .sources import (
     BUNDLED_DATA_DIR,
+    FASHION_MNIST_DIR,
     DataError,
     class_indices,
     class_names,
     data_error_message,
     label_names,
     load_image_dataset,
+    read_idx,
     resolve_columns,
     undecoded_columns,
 )
@@ -62,6 +64,7 @@ __all__ = [
     "CROP_RATIO",
     "BatchViewAugment",
     "DataError",
+    "FASHION_MNIST_DIR",
     "DecodedSplit",
     "EpochShuffleSampler",
     "ExampleCollator",
@@ -86,6 +89,7 @@ __all__ = [
     "hsv_to_rgb",
     "label_names",
     "load_image_dataset",
+    "read_idx",
     "normalize_batch",
     "random_resized_crop_params",
     "resize_weights",

@@ -1,14 +1,26 @@
 """Where the images come from: a Hub dataset, a local image folder or the bundled demo split, its image
-and label columns, and the class index of each row."""
+and label columns, and the class index of each row; `read_idx` reads the MNIST family's IDX files (the
+bundled demo data and the benchmarks are made from Debian's `dataset-fashion-mnist`)."""
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
+
+import numpy as np
 
 # Package data (see pyproject.toml): the no-argument run works from an installed wheel, offline.
 BUNDLED_DATA_DIR = Path(__file__).resolve().parents[1] / "demo_data" / "fashion_mnist"
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # `apt-get install dataset-fashion-mnist`
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file of the MNIST family (gzipped, unsigned bytes) as a uint8 array of its dimensions."""
+    raw = gzip.open(path).read()
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(raw[3])]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
 
 
 class DataError(ValueError):
