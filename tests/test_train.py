@@ -77,7 +77,9 @@ def test_report_to_takes_every_accelerate_tracker_and_checks_it_is_installed():
     assert train.parse_args(["--report_to", "all"]).report_to == "all"
     with pytest.raises(SystemExit, match="unknown tracker \\['tensorbored'\\]"):
         train.parse_args(["--report_to", "tensorboard,tensorbored"])
-    missing = next(name for name in ("aim", "dvclive", "swanlab", "clearml") if not importlib.util.find_spec(name))
+    missing = next(
+        name for name in ("aim", "dvclive", "swanlab", "clearml") if not importlib.util.find_spec(name)
+    )
     with pytest.raises(SystemExit, match=f"--report_to {missing} needs `pip install {missing}`"):
         train.parse_args(["--report_to", f"tensorboard,{missing}"])
 
