@@ -30,19 +30,23 @@ from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardD
 from timm.models import save_for_hf
 
 from .configuration_corinfomax import CorInfoMaxConfig
+from .evaluation import EVAL_RESULTS_NAME
 from .modeling_corinfomax import (
     CorInfoMaxForImageClassification,
     CorInfoMaxForPreTraining,
     CorInfoMaxModel,
     register_cifar_stem_architecture,
 )
-from .reporting import EMBEDDING_MAP_NAME, FIGURE_CAPTIONS, NEIGHBOURS_NAME
+from .reporting import (
+    EMBEDDING_MAP_NAME,
+    FIGURE_CAPTIONS,
+    NEIGHBOURS_NAME,
+    TRAINING_ARGS_NAME,
+    TRAINING_FIGURE_NAME,
+)
 
-TRAINING_ARGS_NAME = "training_args.json"
 # How a card's reader gets the package: the wheel of the project's checkout (tests/test_wheel.py installs it).
 INSTALL_LINE = "`pip install corinfomax`, or `pip install .` in a checkout of the project"
-EVAL_RESULTS_NAME = "eval_results.json"
-TRAINING_FIGURE_NAME = "training.png"
 # The pictures of a run that go into the cards and the uploaded folders when the run wrote them.
 FIGURE_NAMES = (TRAINING_FIGURE_NAME, EMBEDDING_MAP_NAME, NEIGHBOURS_NAME)
 DEFAULT_LICENSE = "apache-2.0"

@@ -11,7 +11,7 @@ import sys
 import pytest
 from helpers import REPO_ROOT, SMALL, TrainInBackground, assert_same_weights, run_train
 
-from modeling_corinfomax.cli import train, train_args
+from modeling_corinfomax.cli import train, train_args, train_data
 from modeling_corinfomax.presets import DEFAULTS, PRESETS
 from modeling_corinfomax.training import make_optimizer
 
@@ -130,7 +130,7 @@ def test_run_length_rules():
 
 def test_the_default_batch_shrinks_for_small_datasets_only():
     def batch(flags, size):
-        return train.default_batch_size(train.parse_args(flags), size)
+        return train_data.default_batch_size(train.parse_args(flags), size)
 
     assert batch([], 24_000) == 256  # the demo's batch is unchanged
     assert batch([], 10_000) == 128 and batch([], 4_000) == 64 and batch([], 300) == 64

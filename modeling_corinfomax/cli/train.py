@@ -35,7 +35,7 @@ import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax import CorInfoMaxForPreTraining
 from modeling_corinfomax.checkpointing import BEST_MODEL, CheckpointSaver, write_atomically
 from modeling_corinfomax.cli.train_args import parse_args
-from modeling_corinfomax.cli.train_data import build_dataloaders, default_batch_size  # noqa: F401
+from modeling_corinfomax.cli.train_data import build_dataloaders
 from modeling_corinfomax.data import (
     DataError,
     ExampleCollator,
@@ -49,6 +49,7 @@ from modeling_corinfomax.data import (
 )
 from modeling_corinfomax.evaluation import (
     BUNDLED_DATASET_NAME,
+    EVAL_RESULTS_NAME,
     FROZEN_PROTOCOLS,
     KNN_K,
     KNN_TEMPERATURE,
@@ -624,7 +625,7 @@ def final_report(run: Run, seconds: float, spectrum_batch) -> dict:
             update_eval_results(project, results)
         except ValueError as error:
             logger.warning("%s: replacing %s/eval_results.json", error, project)
-            write_atomically(project / "eval_results.json", json.dumps(results, indent=2))
+            write_atomically(project / EVAL_RESULTS_NAME, json.dumps(results, indent=2))
         write_atomically(project / TRAINING_LOG_NAME, json.dumps(state.history, indent=2))
         start = torch.tensor(state.spectrum_start) if state.spectrum_start is not None else None
         end = projection_spectrum(run.unwrapped, spectrum_batch) if spectrum_batch is not None else None
