@@ -14,6 +14,12 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+def eval_resize_size(image_size: int) -> int:
+    """The evaluation resize of the official linear evaluation: the short side goes to
+    `int(image_size * 8/7)` before the centre crop of `image_size` (256 for 224, 36 for 32)."""
+    return int(image_size * 8 / 7)
+
+
 class CorInfoMaxConfig(PreTrainedConfig):
     r"""Configuration of a CorInfoMax model: a timm backbone, an MLP projector and the CorInfoMax loss.
 

@@ -29,7 +29,7 @@ import transformers
 from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 from timm.models import save_for_hf
 
-from .configuration_corinfomax import CorInfoMaxConfig
+from .configuration_corinfomax import CorInfoMaxConfig, eval_resize_size
 from .evaluation import EVAL_RESULTS_NAME
 from .modeling_corinfomax import (
     CorInfoMaxForImageClassification,
@@ -111,7 +111,7 @@ def timm_architecture(config: CorInfoMaxConfig) -> str:
 def timm_data_config(config: CorInfoMaxConfig) -> dict[str, Any]:
     """The evaluation preprocessing of `make_image_processor` in timm's terms: resize the short side to
     `int(image_size * 8/7)` (bicubic), centre-crop `image_size`, normalise with the config's mean/std."""
-    resize = int(config.image_size * 8 / 7)
+    resize = eval_resize_size(config.image_size)
     crop_pct = config.image_size / resize
     if math.floor(config.image_size / crop_pct) != resize:
         # timm resizes to floor(image_size / crop_pct): never let float rounding lose a pixel.

@@ -19,7 +19,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from transformers.utils import ModelOutput, logging
 
-from .configuration_corinfomax import CorInfoMaxConfig
+from .configuration_corinfomax import CorInfoMaxConfig, eval_resize_size
 from .loss import CorInfoMaxLoss
 
 logger = logging.get_logger(__name__)
@@ -42,7 +42,7 @@ def make_image_processor(config: CorInfoMaxConfig) -> BitImageProcessor:
     rescale to [0, 1] and normalise, as the official linear evaluation."""
     return BitImageProcessor(
         do_resize=True,
-        size={"shortest_edge": int(config.image_size * 8 / 7)},
+        size={"shortest_edge": eval_resize_size(config.image_size)},
         resample=3,  # PIL.Image.BICUBIC
         do_center_crop=True,
         crop_size={"height": config.image_size, "width": config.image_size},

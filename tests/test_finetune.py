@@ -106,3 +106,17 @@ def test_freeze_backbone_trains_only_the_head(pretrained, tmp_path, monkeypatch)
 def test_train_fraction_must_be_a_fraction(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="--train_fraction 2.0 must be in"):
         run(monkeypatch, "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--train_fraction", "2")
+
+
+@pytest.mark.parametrize("flag", ["--image_column", "--image_column_name"])
+def test_column_flags_are_the_same_as_train_and_eval(flag, tmp_path):
+    """One vocabulary: `--image_column`/`--label_column` as in train.py and eval.py, and the HF example's
+    `--image_column_name`/`--label_column_name` as aliases."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((finetune.ModelArguments, finetune.DataTrainingArguments, TrainingArguments))
+    label_flag = flag.replace("image", "label")
+    _, data_args, _ = parser.parse_args_into_dataclasses(
+        ["--model_name_or_path", "x", "--output_dir", str(tmp_path), flag, "picture", label_flag, "kind"]
+    )
+    assert (data_args.image_column, data_args.label_column) == ("picture", "kind")

@@ -13,7 +13,6 @@ from helpers import REPO_ROOT, SMALL, TrainInBackground, assert_same_weights, ru
 
 from modeling_corinfomax.cli import train, train_args, train_data
 from modeling_corinfomax.presets import DEFAULTS, PRESETS
-from modeling_corinfomax.training import make_optimizer
 
 # --------------------------------------------------------------------------------------------------- flags
 
@@ -370,25 +369,3 @@ def test_two_processes_see_different_data_share_the_global_loss_and_stay_identic
     from transformers import AutoModelForPreTraining  # noqa: PLC0415
 
     assert int(AutoModelForPreTraining.from_pretrained(run).loss_fn.num_updates) == 2
-
-
-def test_sgd_is_the_papers_plain_momentum_sgd_and_decay_skips_norms_and_biases():
-    import torch  # noqa: PLC0415
-
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4))
-    optimizer = make_optimizer(model, "sgd", 0.1, 0.9, 1e-4, exclude_bias_and_norm=True)
-    assert (
-        type(optimizer) is torch.optim.SGD and not optimizer.defaults["nesterov"]
-    )  # timm's "sgd" is Nesterov
-    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
-    assert decay[id(model[0].weight)] == 1e-4 and decay[id(model[1].weight)] == decay[id(model[1].bias)] == 0
-    # Two steps against the update rule written out: v <- 0.9 v + g + wd w; w <- w - lr v.
-    weight, grad = model[0].weight, torch.randn_like(model[0].weight)
-    w, v = weight.detach().clone(), torch.zeros_like(weight)
-    for _ in range(2):
-        weight.grad = grad.clone()
-        optimizer.step()
-        v = 0.9 * v + grad + 1e-4 * w
-        w = w - 0.1 * v
-    assert torch.allclose(weight.detach(), w, atol=1e-7)
-    assert type(make_optimizer(model, "lars", 0.1, 0.9, 1e-4, True)).__name__ == "Lars"

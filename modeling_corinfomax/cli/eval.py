@@ -36,6 +36,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -50,11 +51,11 @@ from modeling_corinfomax.data import (
     DataError,
     ExampleCollator,
     ImageViewDataset,
+    NormalizedBatches,
     TwoViewAugmentation,
     ViewAugmentation,
     class_names,
     data_error_message,
-    normalize_batch,
     resolve_columns,
 )
 from modeling_corinfomax.evaluation import (
@@ -270,28 +271,24 @@ def hyperparameters(protocol) -> dict:
     }
 
 
-class Collator:
-    """uint8 examples from `ImageViewDataset` -> normalised `pixel_values` and `labels` (view1 for
-    augmented rows)."""
+class EvalData(NamedTuple):
+    """The labelled train (bank) and evaluation splits, their columns and what the results record."""
 
-    def __init__(self, mean, std):
-        self.mean, self.std, self.rows = mean, std, ExampleCollator()
+    train: Any
+    validation: Any
+    train_labels: list[int]
+    eval_labels: list[int]
+    train_rows: list[int]
+    eval_rows: list[int]
+    image_column: str
+    names: list[str] | None
+    num_classes: int
+    validation_split: str
+    record: dict
 
-    def __call__(self, examples):
-        batch = self.rows(examples)
-        images = batch["pixel_values"] if "pixel_values" in batch else batch["view1"]
-        return {"pixel_values": normalize_batch(images, self.mean, self.std), "labels": batch["labels"]}
 
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    accelerator = Accelerator()
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if not accelerator.is_main_process:
-        logger.setLevel(logging.WARNING)
-    set_seed(args.seed)
-
-    # Data first: a dataset problem should surface before minutes of model loading.
+def load_data(args) -> EvalData:
+    """Both labelled splits (`--max_*_samples` applied), or a one-line exit naming the problem."""
     try:
         train, validation, validation_split = load_evaluation_splits(
             args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split,
@@ -310,9 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     except DataError as error:
         raise SystemExit(f"eval.py: {data_error_message(error)}") from None
-    batch_size = per_process_batch_size(args.total_batch_size, accelerator.num_processes)
-    num_classes = len(names) if names else max(train_labels + eval_labels) + 1
-    dataset = {
+    record = {
         "name": args.dataset_name or args.validation_dir or args.train_dir or BUNDLED_DATASET_NAME,
         "config": args.dataset_config_name,
         "split": validation_split,
@@ -320,9 +315,126 @@ def main(argv: list[str] | None = None) -> dict:
         "num_train_samples": len(train_labels),
         "num_eval_samples": len(eval_labels),
     }
-    if args.output_dir:
-        check_eval_results(args.output_dir, dataset)
+    num_classes = len(names) if names else max(train_labels + eval_labels) + 1
+    return EvalData(
+        train, validation, train_labels, eval_labels, train_rows, eval_rows, image_column, names,
+        num_classes, validation_split, record,
+    )  # fmt: skip
 
+
+def make_loader(dataset, labels, data: EvalData, image_size, mean, std, args, accelerator, augmented=False):
+    """Normalised batches of a labelled split: eval views (resize + centre crop), or for the augmented
+    linear protocol view1 of the two-view rows (RandomResizedCrop 0.08-1, bicubic, + flip, seeded per
+    epoch), at the per-process share of the global `--total_batch_size`."""
+    common = {
+        "image_column": data.image_column,
+        "label_column": None,
+        "image_size": image_size,
+        "labels": labels,
+    }
+    if augmented:
+        crops = TwoViewAugmentation(view1=ViewAugmentation(), view2=ViewAugmentation())
+        rows = ImageViewDataset(dataset, mode="two_view", augmentation=crops, seed=args.seed, **common)
+    else:
+        rows = ImageViewDataset(dataset, mode="eval", **common)
+    batches = torch.utils.data.DataLoader(
+        rows,
+        batch_size=per_process_batch_size(args.total_batch_size, accelerator.num_processes),
+        shuffle=augmented,
+        drop_last=False,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        collate_fn=ExampleCollator(),
+    )
+    return NormalizedBatches(accelerator.prepare(batches), mean, std)
+
+
+def knn_protocol(args, x_train, y_train, x_eval, y_eval, num_classes, device, features: str) -> dict:
+    """Cosine kNN at every `--knn_k`; the first k is the headline number."""
+    by_k = {}
+    for k in args.knn_k:
+        by_k[str(k)] = knn_accuracy(
+            x_train.to(device),
+            y_train,
+            x_eval.to(device),
+            y_eval,
+            num_classes,
+            k=k,
+            temperature=args.knn_temperature,
+        )
+        logger.info("kNN k=%d T=%g: %s", k, args.knn_temperature, by_k[str(k)])
+    return {
+        "k": args.knn_k[0],
+        "temperature": args.knn_temperature,
+        "similarity": "cosine",
+        "features": f"{features}, un-augmented, L2-normalised",
+        "by_k": by_k,
+        **by_k[str(args.knn_k[0])],
+    }
+
+
+def linear_protocol(args, model, loader, features_or_none, num_classes, accelerator, features: str) -> dict:
+    """The linear evaluation: the exact logistic-regression probe on precomputed features
+    (`--precompute_features`), or the official protocol (SGD head on augmented images, cosine or step
+    schedule). Returns the protocol record with its `top1`/`top5`."""
+    if args.precompute_features:
+        settings = hyperparameters(linear_probe)
+        linear = linear_probe(*features_or_none, num_classes, **settings)
+        return {
+            "method": "logistic regression on frozen precomputed features, standardised, solved to its "
+            "optimum (full-batch L-BFGS): mean cross-entropy + weight_decay / 2 * ||W||^2",
+            "features": f"{features}, un-augmented",
+            **settings,
+            "objective": linear["objective"],
+            "iterations": linear["iterations"],
+            "top1": linear["top1"],
+            "top5": linear["top5"],
+        }
+    settings = {
+        **hyperparameters(linear_eval),
+        **{name: getattr(args, flag) for flag, name in LINEAR_FLAGS.items()},
+        "seed": args.seed,
+    }
+    unused = ("lr_step_size", "lr_gamma") if args.linear_lr_schedule == "cosine" else ("min_lr",)
+    schedule = (
+        "cosine per epoch from lr to min_lr"
+        if args.linear_lr_schedule == "cosine"
+        else "step per epoch: lr * lr_gamma ** (epoch // lr_step_size)"
+    )
+    linear = linear_eval(
+        model,
+        loader("train", augmented=True),
+        loader("validation"),
+        num_classes,
+        accelerator=accelerator,
+        use_projector=args.use_projector,
+        progress_bar=True,
+        **settings,
+    )
+    return {
+        "method": "linear head on the frozen eval-mode backbone, augmented images (official protocol)",
+        "features": features,
+        "optimizer": f"SGD, {schedule}",
+        **{key: value for key, value in settings.items() if key not in unused},
+        "batch_size": args.total_batch_size,
+        "train_transform": "RandomResizedCrop(0.08-1, bicubic) + horizontal flip",
+        "test_transform": "resize 8/7 + centre crop",
+        "top1": linear["top1"],
+        "top5": linear["top5"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    set_seed(args.seed)
+
+    data = load_data(args)  # data first: a dataset problem should surface before minutes of model loading
+    if args.output_dir:
+        check_eval_results(args.output_dir, data.record)
     model = AutoModel.from_pretrained(
         args.model_name_or_path, revision=args.revision, trust_remote_code=args.trust_remote_code
     )
@@ -330,139 +442,54 @@ def main(argv: list[str] | None = None) -> dict:
     image_size, mean, std = preprocessing(args, model.config)
     logger.info(
         "%s: %d train / %d %s images, %d classes, %dpx crops; %s features",
-        dataset["name"],
-        len(train_labels),
-        len(eval_labels),
-        validation_split,
-        num_classes,
-        image_size,
-        "projector" if args.use_projector else "backbone",
-    )
+        data.record["name"], len(data.train_labels), len(data.eval_labels), data.validation_split,
+        data.num_classes, image_size, "projector" if args.use_projector else "backbone",
+    )  # fmt: skip
 
-    def loader(dataset, labels, augmented: bool = False):
-        common = {
-            "image_column": image_column,
-            "label_column": None,
-            "image_size": image_size,
-            "labels": labels,
-        }
-        if augmented:
-            # view1 of the two-view rows: RandomResizedCrop (0.08-1, bicubic) + flip, seeded per epoch.
-            crops = TwoViewAugmentation(view1=ViewAugmentation(), view2=ViewAugmentation())
-            rows = ImageViewDataset(dataset, mode="two_view", augmentation=crops, seed=args.seed, **common)
-        else:
-            rows = ImageViewDataset(dataset, mode="eval", **common)
-        return accelerator.prepare(
-            torch.utils.data.DataLoader(
-                rows,
-                batch_size=batch_size,
-                shuffle=augmented,
-                drop_last=False,
-                num_workers=args.dataloader_num_workers,
-                pin_memory=accelerator.device.type == "cuda",
-                collate_fn=Collator(mean, std),
-            )
+    def loader(split: str, augmented: bool = False):
+        dataset, labels = (
+            (data.train, data.train_labels) if split == "train" else (data.validation, data.eval_labels)
         )
+        return make_loader(dataset, labels, data, image_size, mean, std, args, accelerator, augmented)
 
     features = "projector output" if args.use_projector else "backbone pooler_output"
     results: dict = {
         "model_name_or_path": args.model_name_or_path,
         "revision": resolve_commit(args.model_name_or_path, args.revision),
-        "dataset": dataset,
+        "dataset": data.record,
     }
-    protocols: dict = {}
-    need_features = args.protocol in ("knn", "all") or args.precompute_features or args.save_embeddings
-    if need_features:
+    computed = None
+    if args.protocol in ("knn", "all") or args.precompute_features or args.save_embeddings:
         x_train, y_train = extract_features(
-            model, loader(train, train_labels), accelerator, args.use_projector, progress_bar=True
+            model, loader("train"), accelerator, args.use_projector, progress_bar=True
         )
         x_eval, y_eval = extract_features(
-            model, loader(validation, eval_labels), accelerator, args.use_projector, progress_bar=True
+            model, loader("validation"), accelerator, args.use_projector, progress_bar=True
         )
+        computed = (x_train, y_train, x_eval, y_eval)
     if args.save_embeddings and accelerator.is_main_process:
         # Two image folders both load as a "train" split: the evaluation one is then named "validation".
-        eval_name = validation_split if validation_split != args.train_split else "validation"
+        eval_name = data.validation_split if data.validation_split != args.train_split else "validation"
         for split, rows, x, y in (
-            (args.train_split, train_rows, x_train, y_train),
-            (eval_name, eval_rows, x_eval, y_eval),
+            (args.train_split, data.train_rows, x_train, y_train),
+            (eval_name, data.eval_rows, x_eval, y_eval),
         ):
-            logger.info(
-                "%s embeddings written to %s",
-                split,
-                save_embeddings(args.save_embeddings, split, rows, x, y, names),
-            )
+            path = save_embeddings(args.save_embeddings, split, rows, x, y, data.names)
+            logger.info("%s embeddings written to %s", split, path)
 
+    protocols: dict = {}
     if args.protocol in ("knn", "all"):
-        by_k = {}
-        for k in args.knn_k:
-            by_k[str(k)] = knn_accuracy(
-                x_train.to(accelerator.device),
-                y_train,
-                x_eval.to(accelerator.device),
-                y_eval,
-                num_classes,
-                k=k,
-                temperature=args.knn_temperature,
-            )
-            logger.info("kNN k=%d T=%g: %s", k, args.knn_temperature, by_k[str(k)])
-        first = by_k[str(args.knn_k[0])]
-        results.update(knn_top1=first["top1"], knn_top5=first["top5"])
-        protocols["knn"] = {
-            "k": args.knn_k[0],
-            "temperature": args.knn_temperature,
-            "similarity": "cosine",
-            "features": f"{features}, un-augmented, L2-normalised",
-            "by_k": by_k,
-        }
-
+        protocols["knn"] = knn_protocol(args, *computed, data.num_classes, accelerator.device, features)
     if args.protocol in ("linear", "all"):
-        if args.precompute_features:
-            settings = hyperparameters(linear_probe)
-            linear = linear_probe(x_train, y_train, x_eval, y_eval, num_classes, **settings)
-            protocols["linear"] = {
-                "method": "logistic regression on frozen precomputed features, standardised, solved to its "
-                "optimum (full-batch L-BFGS): mean cross-entropy + weight_decay / 2 * ||W||^2",
-                "features": f"{features}, un-augmented",
-                **settings,
-                "objective": linear["objective"],
-                "iterations": linear["iterations"],
-            }
-        else:
-            settings = {
-                **hyperparameters(linear_eval),
-                **{name: getattr(args, flag) for flag, name in LINEAR_FLAGS.items()},
-                "seed": args.seed,
-            }
-            unused = ("lr_step_size", "lr_gamma") if args.linear_lr_schedule == "cosine" else ("min_lr",)
-            schedule = (
-                "cosine per epoch from lr to min_lr"
-                if args.linear_lr_schedule == "cosine"
-                else "step per epoch: lr * lr_gamma ** (epoch // lr_step_size)"
-            )
-            linear = linear_eval(
-                model,
-                loader(train, train_labels, augmented=True),
-                loader(validation, eval_labels),
-                num_classes,
-                accelerator=accelerator,
-                use_projector=args.use_projector,
-                progress_bar=True,
-                **settings,
-            )
-            protocols["linear"] = {
-                "method": "linear head on the frozen eval-mode backbone, augmented images (official protocol)",
-                "features": features,
-                "optimizer": f"SGD, {schedule}",
-                **{key: value for key, value in settings.items() if key not in unused},
-                "batch_size": args.total_batch_size,
-                "train_transform": "RandomResizedCrop(0.08-1, bicubic) + horizontal flip",
-                "test_transform": "resize 8/7 + centre crop",
-            }
-        logger.info("linear (%s): %s", "precomputed" if args.precompute_features else "augmented", linear)
-        results.update(linear_top1=linear["top1"], linear_top5=linear["top5"])
-        protocols["linear"].update(train_split=args.train_split, image_size=image_size)
-    if "knn" in protocols:
-        protocols["knn"].update(train_split=args.train_split, image_size=image_size)
+        protocols["linear"] = linear_protocol(
+            args, model, loader, computed, data.num_classes, accelerator, features
+        )
+        logger.info(
+            "linear (%s): %s", "precomputed" if args.precompute_features else "augmented", protocols["linear"]
+        )
+    for name, protocol in protocols.items():
+        results.update({f"{name}_top1": protocol.pop("top1"), f"{name}_top5": protocol.pop("top5")})
+        protocol.update(train_split=args.train_split, image_size=image_size)
     results["protocols"] = protocols
 
     if accelerator.is_main_process:

@@ -74,8 +74,13 @@ class DataTrainingArguments:
     validation_split: str | None = field(
         default=None, metadata={"help": "Default: 'validation', else 'test'."}
     )
-    image_column_name: str | None = field(default=None, metadata={"help": "Default: the Image column."})
-    label_column_name: str | None = field(default=None, metadata={"help": "Default: the ClassLabel column."})
+    # The same names as train.py and eval.py; the HF example's `--image_column_name` works too.
+    image_column: str | None = field(
+        default=None, metadata={"help": "Default: the Image column.", "aliases": ["--image_column_name"]}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "Default: the ClassLabel column.", "aliases": ["--label_column_name"]}
+    )
     train_fraction: float | None = field(
         default=None,
         metadata={
@@ -167,13 +172,7 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     }
 
 
-def main():
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-
+def setup_logging(training_args) -> None:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
@@ -184,20 +183,18 @@ def main():
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    if training_args.remove_unused_columns:
-        # The transforms read the image column, which Trainer would drop before they run (it is not a
-        # forward argument): the classic "--remove_unused_columns False" error of the HF example.
-        logger.info("remove_unused_columns set to False: the image transforms need the image column.")
-        training_args.remove_unused_columns = False
-    set_seed(training_args.seed)
 
+
+def load_labelled_splits(data_args, training_args):
+    """The train and evaluation splits with checked `labels` (`--train_fraction` and `--max_*_samples`
+    applied), their image column, the class names and the dataset record of the results."""
     try:
         train, validation, validation_split = load_evaluation_splits(
             data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.train_split,
             data_args.validation_split, data_args.validation_dir, data_args.cache_dir,
         )  # fmt: skip
         image_column, label_column = resolve_columns(
-            train, data_args.image_column_name, data_args.label_column_name, need_label=True
+            train, data_args.image_column, data_args.label_column, need_label=True
         )
         resolve_columns(validation, image_column, label_column, need_label=True)
         names = class_names(train, label_column)
@@ -224,7 +221,7 @@ def main():
         validation = validation.shuffle(seed=training_args.seed).select(
             range(min(data_args.max_eval_samples, len(validation)))
         )
-    dataset_info = {
+    record = {
         "name": data_args.dataset_name
         or data_args.validation_dir
         or data_args.train_dir
@@ -232,8 +229,58 @@ def main():
         "config": data_args.dataset_config_name,
         "split": validation_split,
     }
+    return train, validation, image_column, names, record
+
+
+def record_results(trainer, metrics, model_args, data_args, training_args, num_train_samples, dataset_record):
+    """Trainer's metrics merged into all_results.json, ours into eval_results.json (not
+    `trainer.save_metrics("eval")`: it would overwrite eval_results.json, which eval.py and the model card
+    share)."""
+    all_results = Path(training_args.output_dir) / "all_results.json"
+    previous = json.loads(all_results.read_text()) if all_results.is_file() else {}
+    all_results.write_text(json.dumps({**previous, **metrics}, indent=4, sort_keys=True) + "\n")
+    protocol = {
+        "model_name_or_path": model_args.model_name_or_path,
+        "freeze_backbone": model_args.freeze_backbone,
+        "train_fraction": data_args.train_fraction,
+        "num_train_samples": num_train_samples,
+        "train_split": data_args.train_split,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "steps": trainer.state.global_step,
+        "learning_rate": training_args.learning_rate,
+        "weight_decay": training_args.weight_decay,
+        "batch_size": training_args.per_device_train_batch_size * training_args.world_size,
+        "train_transform": "RandomResizedCrop + horizontal flip",
+        "test_transform": "resize + centre crop (image processor)",
+    }
+    update_eval_results(
+        training_args.output_dir,
+        {
+            "finetune_top1": 100.0 * metrics["eval_accuracy"],
+            "finetune_top5": 100.0 * metrics["eval_accuracy_top5"],
+            "dataset": dataset_record,
+            "protocols": {"finetune": protocol},
+        },
+    )
+
+
+def main():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    setup_logging(training_args)
+    if training_args.remove_unused_columns:
+        # The transforms read the image column, which Trainer would drop before they run (it is not a
+        # forward argument): the classic "--remove_unused_columns False" error of the HF example.
+        logger.info("remove_unused_columns set to False: the image transforms need the image column.")
+        training_args.remove_unused_columns = False
+    set_seed(training_args.seed)
+
+    train, validation, image_column, names, dataset_record = load_labelled_splits(data_args, training_args)
     if training_args.do_eval:
-        check_eval_results(training_args.output_dir, dataset_info)
+        check_eval_results(training_args.output_dir, dataset_record)
 
     label2id = {name: i for i, name in enumerate(names)}
     id2label = dict(enumerate(names))
@@ -296,36 +343,7 @@ def main():
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         if trainer.is_world_process_zero():
-            # Not `trainer.save_metrics("eval")`: it would overwrite eval_results.json, which eval.py and
-            # the model card share. Trainer's metrics go to all_results.json; ours are merged.
-            all_results = Path(training_args.output_dir) / "all_results.json"
-            previous = json.loads(all_results.read_text()) if all_results.is_file() else {}
-            all_results.write_text(json.dumps({**previous, **metrics}, indent=4, sort_keys=True) + "\n")
-            update_eval_results(
-                training_args.output_dir,
-                {
-                    "finetune_top1": 100.0 * metrics["eval_accuracy"],
-                    "finetune_top5": 100.0 * metrics["eval_accuracy_top5"],
-                    "dataset": dataset_info,
-                    "protocols": {
-                        "finetune": {
-                            "model_name_or_path": model_args.model_name_or_path,
-                            "freeze_backbone": model_args.freeze_backbone,
-                            "train_fraction": data_args.train_fraction,
-                            "num_train_samples": len(train),
-                            "train_split": data_args.train_split,
-                            "epochs": round(trainer.state.epoch or 0.0, 3),
-                            "steps": trainer.state.global_step,
-                            "learning_rate": training_args.learning_rate,
-                            "weight_decay": training_args.weight_decay,
-                            "batch_size": training_args.per_device_train_batch_size
-                            * training_args.world_size,
-                            "train_transform": "RandomResizedCrop + horizontal flip",
-                            "test_transform": "resize + centre crop (image processor)",
-                        }
-                    },
-                },
-            )
+            record_results(trainer, metrics, model_args, data_args, training_args, len(train), dataset_record)
 
     kwargs = {"tasks": "image-classification", "tags": ["image-classification", "vision", "corinfomax"]}
     if not os.path.isdir(model_args.model_name_or_path):  # a local path would become a broken Hub link

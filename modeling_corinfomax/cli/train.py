@@ -43,6 +43,7 @@ from modeling_corinfomax.data import (
     InMemoryEvalDataset,
     InMemoryTwoViewDataset,
     IterableImageViewDataset,
+    NormalizedBatches,
     data_error_message,
     eval_view,
     normalize_batch,
@@ -537,7 +538,9 @@ def probe_rankme(model, images: InMemoryEvalDataset | None, args, accelerator) -
             }
             for i in range(0, len(images), EVAL_BATCH_SIZE)
         ]
-        features, _ = extract_features(model, NormalizingLoader(batches, args))
+        features, _ = extract_features(
+            model, NormalizedBatches(batches, args.image_mean, args.image_std, args.channels_last)
+        )
         if torch.isfinite(features).all():  # diverged weights: the next step's fault check ends the run
             score = rankme(features)
     if accelerator.num_processes > 1:
@@ -566,26 +569,10 @@ def eval_features(model, rows, args, accelerator, loader_kwargs):
     several = accelerator.num_processes > 1
     loader = accelerator.prepare_data_loader(loader) if several else loader
     return extract_features(
-        model, NormalizingLoader(loader, args), accelerator=accelerator if several else None
+        model,
+        NormalizedBatches(loader, args.image_mean, args.image_std, args.channels_last),
+        accelerator=accelerator if several else None,
     )
-
-
-class NormalizingLoader:
-    """Wrap a loader of uint8 eval views into `pixel_values` floats the models expect."""
-
-    def __init__(self, loader, args):
-        self.loader, self.args = loader, args
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        fmt = torch.channels_last if self.args.channels_last else torch.contiguous_format
-        for batch in self.loader:
-            if "pixel_values" not in batch:  # every image of the batch was unreadable (--skip_bad_images)
-                continue
-            pixels = normalize_batch(batch["pixel_values"], self.args.image_mean, self.args.image_std, fmt)
-            yield {"pixel_values": pixels, "labels": batch["labels"]}
 
 
 def monitor_knn(model, eval_rows, args, accelerator, loader_kwargs) -> float:

@@ -31,6 +31,7 @@ from .datasets import (
     InMemoryEvalDataset,
     InMemoryTwoViewDataset,
     IterableImageViewDataset,
+    NormalizedBatches,
     decode_split,
     split_stream,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "DecodedSplit",
     "EpochShuffleSampler",
     "ExampleCollator",
+    "NormalizedBatches",
     "ImageViewDataset",
     "InMemoryEvalDataset",
     "InMemoryTwoViewDataset",

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .augmentation import TwoViewAugmentation, derive_seed
+from .augmentation import TwoViewAugmentation, derive_seed, normalize_batch
 from .decoding import decode_image_tensor
 from .geometry import eval_view
 from .sources import DataError, undecoded_columns
@@ -183,6 +183,35 @@ class ExampleCollator:
         batch["labels"] = torch.tensor([e["labels"] for e in good], dtype=torch.long)
         batch["index"] = torch.tensor([e["index"] for e in good], dtype=torch.long)
         return batch
+
+
+class NormalizedBatches:
+    """Wrap an iterable of `ExampleCollator` batches of uint8 images into the normalised float
+    `pixel_values` (and `labels`) the models take: the eval view, or view1 of two-view rows. Batches in
+    which every image was unreadable (`--skip_bad_images`) are left out."""
+
+    def __init__(self, batches, mean, std, channels_last: bool = False):
+        self.batches, self.mean, self.std = batches, mean, std
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the wrapped loader or its dataset (seeded augmentations)."""
+        target = (
+            self.batches if hasattr(self.batches, "set_epoch") else getattr(self.batches, "dataset", None)
+        )
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
+
+    def __iter__(self):
+        for batch in self.batches:
+            images = batch.get("pixel_values", batch.get("view1"))
+            if images is None:
+                continue
+            pixels = normalize_batch(images, self.mean, self.std, self.memory_format)
+            yield {"pixel_values": pixels, "labels": batch["labels"]}
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

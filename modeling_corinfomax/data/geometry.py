@@ -10,6 +10,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ..configuration_corinfomax import eval_resize_size
+
 CROP_RATIO = (3 / 4, 4 / 3)  # the aspect ratios of RandomResizedCrop's default
 
 
@@ -57,7 +59,7 @@ def crop_view(
 
 def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:
     """Un-augmented evaluation view: resize the short side to size*8/7 (bicubic), centre-crop `size`."""
-    resized = TF.resize(image, [int(size * 8 / 7)], InterpolationMode.BICUBIC, antialias=True)
+    resized = TF.resize(image, [eval_resize_size(size)], InterpolationMode.BICUBIC, antialias=True)
     return TF.center_crop(resized, [size, size])
 
 
