@@ -9,6 +9,7 @@ each block turned off, BatchNorm at its initial statistics) and the raw pixels t
 
     python bench/independent_eval.py outputs/corinfomax-demo                       # full Fashion-MNIST test set
     python bench/independent_eval.py bench/results/small_folder_fashion4k --folder /tmp/folders/fashion4k
+    python bench/independent_eval.py outputs/run2 --encoders pretrained     # a study: baselines once
 
 Protocol: features of un-augmented images, resized and normalised by the saved processor. kNN: cosine
 similarity, k = 20 neighbours, votes weighted by exp(similarity / 0.07). Logistic regression: features
@@ -139,6 +140,10 @@ def main() -> None:
     p.add_argument("--folder", type=Path, help="an image folder with train/ and test/ class sub-folders")
     p.add_argument("--bank_per_class", type=int, default=2000, help="Fashion-MNIST training images per class")
     p.add_argument("--output", type=Path, help="write the results as JSON here")
+    p.add_argument("--encoders", nargs="+", choices=["pretrained", "random init", "raw pixels"],
+                   default=["pretrained", "random init", "raw pixels"],
+                   help="which encoders to evaluate (the baselines depend only on the architecture, image "
+                   "size and bank, so a study of training settings can evaluate them once)")  # fmt: skip
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoImageProcessor, AutoModel  # noqa: PLC0415
@@ -163,7 +168,8 @@ def main() -> None:
     results = {"model": str(args.model), "bank": len(bank_images), "test": len(test_images)}
     print(f"bank {len(bank_images)} images, test {len(test_images)}, {classes} classes")
     print("| encoder | kNN top-1 | linear top-1 | L2 weight |\n|---|---|---|---|")
-    for name, features_of in encoders.items():
+    for name in args.encoders:
+        features_of = encoders[name]
         bank, test = features_of(bank_images), features_of(test_images)
         knn_top1 = knn(bank, bank_labels, test, test_labels, classes)
         linear_top1, wd = linear(bank, bank_labels, test, test_labels, classes)

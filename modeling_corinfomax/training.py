@@ -133,11 +133,15 @@ def planned_steps(
 
 
 class TimeBudget:
-    """Fits the number of steps to `--time_budget_minutes` once the step time is known.
+    """Fits the number of steps to `--time_budget_minutes` once the step time is known, and refits it as
+    the run goes.
 
     The first `SKIP` steps (allocation, lazy initialisation, compilation) are not timed; the next
-    `MEASURE` are. Every process then takes the slowest measurement and the latest clock, so all agree on
-    the same number of steps, which leaves `reserve_seconds(step_time)` for the final save and evaluation.
+    `MEASURE` give the first fit. A machine's speed drifts and the short first window misses costs that
+    come later (epoch starts, the logging steps' spectra), so the fit is repeated on the mean step time
+    since step `SKIP`, each time a quarter of the remaining steps has run, until the last `MEASURE` steps.
+    Every process takes the slowest measurement and the latest clock, so all agree on the same number of
+    steps, which leaves `reserve_seconds(step_time)` for the final save and evaluation.
     """
 
     SKIP, MEASURE = 3, 20
@@ -152,24 +156,28 @@ class TimeBudget:
             reserve_seconds,
         )
         self.timer_start: float | None = None
+        self.next_fit = self.SKIP + self.MEASURE
 
     def fit(self, step: int, accelerator) -> int | None:
-        """Called after every step (on every process): the fitted number of steps at the fitting step."""
+        """Called after every step (on every process): the fitted number of steps at a fitting step."""
         now = time.time()
         if step == self.SKIP:
             self.timer_start = now
-        if step != self.SKIP + self.MEASURE or self.timer_start is None:
+        if step != self.next_fit or self.timer_start is None:
             return None
         measured = torch.tensor(
-            [(now - self.timer_start) / self.MEASURE, now - self.started], device=accelerator.device
+            [(now - self.timer_start) / (step - self.SKIP), now - self.started], device=accelerator.device
         )
         step_time, elapsed = accelerator.gather(measured[None]).max(dim=0).values.tolist()
         reserve = self.reserve_seconds(step_time)
         total = step + max(1, int((self.seconds - elapsed - reserve) // step_time))
         total = max(min(total, self.cap) if self.cap else total, step)
+        following = step + max(self.MEASURE, (total - step) // 4)
+        self.next_fit = following if following < total - self.MEASURE else None
         logger.info(
-            "time budget %.1f min: %.3f s/step measured, %.0f s reserved for saving and evaluation -> %d steps",
-            self.seconds / 60, step_time, reserve, total,
+            "time budget %.1f min: %.3f s/step measured over %d steps, %.0f s reserved for saving and "
+            "evaluation -> %d steps",
+            self.seconds / 60, step_time, step - self.SKIP, reserve, total,
         )  # fmt: skip
         return total
 

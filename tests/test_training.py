@@ -53,18 +53,30 @@ def test_planned_steps_explicit_lengths_win_and_small_data_gets_min_steps():
     assert steps(budget=True) is None and steps(budget=True, epochs=3, given=True) == 279  # a cap
 
 
-def test_the_time_budget_leaves_its_reserve_and_respects_a_cap(monkeypatch):
-    clock = iter(range(1000))
-    monkeypatch.setattr("modeling_corinfomax.training.time.time", lambda: float(next(clock)))
+def test_the_time_budget_leaves_its_reserve_refits_on_the_mean_step_time_and_respects_a_cap(monkeypatch):
+    now = {"t": 0.0}
+    monkeypatch.setattr("modeling_corinfomax.training.time.time", lambda: now["t"])
     accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t)
-    budget = TimeBudget(minutes=1.0, started=-10.0, cap=None, reserve_seconds=lambda step_time: 5.0)
-    fitted = [budget.fit(step, accelerator) for step in range(1, 40)]
-    # Step 3 starts the timer at t=2, step 23 reads t=22: 1 s/step; 20+10 s elapsed (the start was t=-10),
-    # 5 s reserved, so 60 - 32 - 5 = 23 more steps after step 23.
-    assert fitted[22] == 23 + 23 and [f for i, f in enumerate(fitted) if i != 22] == [None] * 38
-    clock = iter(range(1000))
-    capped = TimeBudget(minutes=1.0, started=-10.0, cap=30, reserve_seconds=lambda step_time: 5.0)
-    assert [capped.fit(step, accelerator) for step in range(1, 24)][-1] == 30
+
+    def run(budget, steps, step_seconds):
+        fits = {}
+        for step in range(1, steps + 1):
+            now["t"] += step_seconds(step)
+            fitted = budget.fit(step, accelerator)
+            if fitted is not None:
+                fits[step] = fitted
+        return fits
+
+    # 1 s/step, then 2 s/step from step 30 on; the clock started 10 s before step 1, 5 s are reserved.
+    budget = TimeBudget(minutes=2.0, started=-10.0, cap=None, reserve_seconds=lambda step_time: 5.0)
+    fits = run(budget, 60, lambda step: 1.0 if step < 30 else 2.0)
+    # Step 23 (t=23, 20 timed steps of 1 s): 120 - 33 - 5 = 82 more -> 105. The next fit is a quarter of the
+    # remaining 82 steps later, at step 43 (t = 29 + 14*2 = 57; mean (57 - 3) / 40 = 1.35 s/step):
+    # (120 - 67 - 5) // 1.35 = 35 more -> 78; then at 43 + 20 = 63, past the 60 steps run here.
+    assert fits == {23: 105, 43: 78}
+    capped = TimeBudget(minutes=2.0, started=-10.0, cap=30, reserve_seconds=lambda step_time: 5.0)
+    now["t"] = 0.0
+    assert run(capped, 40, lambda step: 1.0) == {23: 30}  # capped; no refit within the last 20 steps
 
 
 def test_sgd_is_the_papers_plain_momentum_sgd_and_decay_skips_norms_and_biases():

@@ -128,11 +128,11 @@ def test_a_time_budget_sizes_the_run_and_ends_at_the_minimum_lr(image_folder, tm
                          "--no-do_eval", "--output_dir", str(out)], tmp_path)  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
-    fitted = re.search(
-        r"time budget 0\.8 min: ([\d.]+) s/step measured, \d+ s reserved .* -> (\d+) steps", log
+    fits = re.findall(
+        r"time budget 0\.8 min: [\d.]+ s/step measured over (\d+) steps, .* -> (\d+) steps", log
     )
-    assert fitted, log[-3000:]
-    steps = int(fitted.group(2))
+    assert fits and fits[0][0] == "20", log[-3000:]  # first fitted on 20 timed steps, then refitted
+    steps = int(fits[-1][1])
     history = json.loads((out / "training_log.json").read_text())
     results = json.loads((out / "eval_results.json").read_text())
     assert results["global_step"] == steps == history[-1]["step"] > 23  # fitted after 23 timed steps
