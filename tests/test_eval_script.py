@@ -155,7 +155,7 @@ def test_the_step_protocol_and_the_global_batch_reach_linear_eval(pretrained, tm
 
     @functools.wraps(eval_script.linear_eval)  # keeps the signature eval.py reads the defaults from
     def fake_linear_eval(model, train_loader, eval_loader, num_classes, **kwargs):
-        calls.append({"batch_size": train_loader.batch_sampler.batch_size, **kwargs})
+        calls.append({"batch_size": train_loader.batches.batch_sampler.batch_size, **kwargs})
         return {"top1": 50.0, "top5": 90.0}
 
     monkeypatch.setattr(eval_script, "linear_eval", fake_linear_eval)
