@@ -582,6 +582,30 @@ def load_evaluation_splits(
     raise DataError("no 'validation' or 'test' split found: pass --validation_split or --validation_dir.")
 
 
+def load_labelled_splits(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_dir: str | None,
+    train_split: str,
+    validation_split: str | None,
+    validation_dir: str | None,
+    cache_dir: str | None,
+    image_column: str | None,
+    label_column: str | None,
+):
+    """`load_evaluation_splits` with both splits' image and label columns resolved (the training split's,
+    checked on the evaluation split) and the class names: `(train, validation, validation_split,
+    image_column, label_column, names)`, the one resolver of eval.py and finetune.py. Raises `DataError`."""
+    from .data import class_names, resolve_columns  # noqa: PLC0415
+
+    train, validation, validation_split = load_evaluation_splits(
+        dataset_name, dataset_config_name, train_dir, train_split, validation_split, validation_dir, cache_dir
+    )
+    image_column, label_column = resolve_columns(train, image_column, label_column, need_label=True)
+    resolve_columns(validation, image_column, label_column, need_label=True)
+    return train, validation, validation_split, image_column, label_column, class_names(train, label_column)
+
+
 def labelled_rows(
     dataset,
     split: str,

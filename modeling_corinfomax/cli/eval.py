@@ -54,9 +54,7 @@ from modeling_corinfomax.data import (
     NormalizedBatches,
     TwoViewAugmentation,
     ViewAugmentation,
-    class_names,
     data_error_message,
-    resolve_columns,
 )
 from modeling_corinfomax.evaluation import (
     BUNDLED_DATASET_NAME,
@@ -68,7 +66,7 @@ from modeling_corinfomax.evaluation import (
     labelled_rows,
     linear_eval,
     linear_probe,
-    load_evaluation_splits,
+    load_labelled_splits,
     update_eval_results,
 )
 from modeling_corinfomax.presets import LINEAR_EVAL_PRESETS, PRESETS
@@ -290,15 +288,10 @@ class EvalData(NamedTuple):
 def load_data(args) -> EvalData:
     """Both labelled splits (`--max_*_samples` applied), or a one-line exit naming the problem."""
     try:
-        train, validation, validation_split = load_evaluation_splits(
+        train, validation, validation_split, image_column, label_column, names = load_labelled_splits(
             args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split,
-            args.validation_split, args.validation_dir, args.cache_dir,
+            args.validation_split, args.validation_dir, args.cache_dir, args.image_column, args.label_column,
         )  # fmt: skip
-        image_column, label_column = resolve_columns(
-            train, args.image_column, args.label_column, need_label=True
-        )
-        resolve_columns(validation, image_column, label_column, need_label=True)
-        names = class_names(train, label_column)
         train, train_labels, train_rows = labelled_rows(
             train, args.train_split, label_column, names, args.max_train_samples, args.seed
         )

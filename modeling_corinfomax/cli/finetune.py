@@ -43,9 +43,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax.data import (
     DataError,
-    class_names,
     data_error_message,
-    resolve_columns,
     to_rgb,
 )
 from modeling_corinfomax.evaluation import (
@@ -53,7 +51,7 @@ from modeling_corinfomax.evaluation import (
     check_eval_results,
     class_balanced_subset,
     labelled_rows,
-    load_evaluation_splits,
+    load_labelled_splits,
     update_eval_results,
 )
 
@@ -185,19 +183,15 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
-def load_labelled_splits(data_args, training_args):
+def labelled_splits(data_args, training_args):
     """The train and evaluation splits with checked `labels` (`--train_fraction` and `--max_*_samples`
     applied), their image column, the class names and the dataset record of the results."""
     try:
-        train, validation, validation_split = load_evaluation_splits(
+        train, validation, validation_split, image_column, label_column, names = load_labelled_splits(
             data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.train_split,
-            data_args.validation_split, data_args.validation_dir, data_args.cache_dir,
+            data_args.validation_split, data_args.validation_dir, data_args.cache_dir, data_args.image_column,
+            data_args.label_column,
         )  # fmt: skip
-        image_column, label_column = resolve_columns(
-            train, data_args.image_column, data_args.label_column, need_label=True
-        )
-        resolve_columns(validation, image_column, label_column, need_label=True)
-        names = class_names(train, label_column)
         train = with_labels(train, data_args.train_split, image_column, label_column, names)
         validation = with_labels(validation, validation_split, image_column, label_column, names)
     except DataError as error:
@@ -278,7 +272,7 @@ def main():
         training_args.remove_unused_columns = False
     set_seed(training_args.seed)
 
-    train, validation, image_column, names, dataset_record = load_labelled_splits(data_args, training_args)
+    train, validation, image_column, names, dataset_record = labelled_splits(data_args, training_args)
     if training_args.do_eval:
         check_eval_results(training_args.output_dir, dataset_record)
 
