@@ -346,15 +346,6 @@ def _feature_dim(encoder: nn.Module, use_projector: bool) -> int:
     )
 
 
-def _set_epoch(dataloader, epoch: int) -> None:
-    # Accelerate's prepared loaders forward `set_epoch` to the dataset; plain ones need it done by hand,
-    # otherwise a dataset that seeds its augmentations per epoch repeats the same crops every epoch.
-    if hasattr(dataloader, "set_epoch"):
-        dataloader.set_epoch(epoch)
-    elif hasattr(getattr(dataloader, "dataset", None), "set_epoch"):
-        dataloader.dataset.set_epoch(epoch)
-
-
 # The official linear evaluations step their schedule once per epoch: a cosine from `lr` to `min_lr`
 # (CIFAR, Tiny ImageNet, ImageNet-100) or x`lr_gamma` every `lr_step_size` epochs (ImageNet-1K).
 LINEAR_EVAL_SCHEDULES = {
@@ -438,6 +429,8 @@ def linear_eval(
     Returns:
         `{"top1": ..., "top5": ...}` in percent on `eval_dataloader`.
     """
+    from .data.datasets import set_epoch  # noqa: PLC0415
+
     encoder = _unwrap(model, accelerator)
     device = accelerator.device if accelerator is not None else next(encoder.parameters()).device
     autocast = accelerator.autocast if accelerator is not None else nullcontext
@@ -458,7 +451,7 @@ def linear_eval(
 
     with _eval_mode(encoder):
         for epoch in tqdm(range(epochs), desc="linear eval", disable=not show):
-            _set_epoch(train_dataloader, epoch)
+            set_epoch(train_dataloader, epoch)
             head.train()
             for batch in train_dataloader:
                 loss = F.cross_entropy(head(embed(batch)), batch["labels"].to(device, non_blocking=True))

@@ -185,6 +185,16 @@ class ExampleCollator:
         return batch
 
 
+def set_epoch(loader, epoch: int) -> None:
+    """Tell a loader, or the dataset of a plain DataLoader, the epoch. Accelerate's prepared loaders
+    forward `set_epoch` to the dataset; plain ones need it done by hand, otherwise a dataset that seeds
+    its augmentations per epoch repeats the same crops every epoch."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(getattr(loader, "dataset", None), "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
 class NormalizedBatches:
     """Wrap an iterable of `ExampleCollator` batches of uint8 images into the normalised float
     `pixel_values` (and `labels`) the models take: the eval view, or view1 of two-view rows. Batches in
@@ -198,12 +208,7 @@ class NormalizedBatches:
         return len(self.batches)
 
     def set_epoch(self, epoch: int) -> None:
-        """Forward the epoch to the wrapped loader or its dataset (seeded augmentations)."""
-        target = (
-            self.batches if hasattr(self.batches, "set_epoch") else getattr(self.batches, "dataset", None)
-        )
-        if hasattr(target, "set_epoch"):
-            target.set_epoch(epoch)
+        set_epoch(self.batches, epoch)
 
     def __iter__(self):
         for batch in self.batches:
