@@ -114,26 +114,45 @@ def test_a_data_source_on_the_command_line_replaces_the_presets_and_keeps_its_re
     assert train.parse_args(["--preset", "cifar10"]).image_column == "img"  # the preset's own source
 
 
-def test_run_length_rules():
+def test_run_length_rules(tmp_path):
     def steps(flags, per_epoch):
         return train.run_length(train.parse_args(flags), per_epoch)
 
-    assert steps([], 93) == 744  # the demo: 8 epochs of the bundled data
-    assert steps([], 15) == 700  # a small folder: at least --min_train_steps
-    assert steps(["--num_train_epochs", "2"], 15) == 30  # asked for: as given
+    folder = ["--train_dir", str(tmp_path)]
+    assert steps([], 187) == 748  # the demo: 4 epochs of the bundled data at batch 128
+    assert steps(folder, 93) == 744 and steps(folder, 15) == 700  # a folder: 8 epochs, at least 700 steps
+    assert steps([*folder, "--num_train_epochs", "2"], 15) == 30  # asked for: as given
     assert steps(["--max_train_steps", "5"], 15) == 5
-    assert steps(["--time_budget_minutes", "9"], 15) is None  # the budget decides
-    assert steps(["--time_budget_minutes", "9", "--num_train_epochs", "3"], 15) == 45  # ... under a cap
+    assert steps([*folder, "--time_budget_minutes", "9"], 15) is None  # the budget decides
+    assert (
+        steps([*folder, "--time_budget_minutes", "9", "--num_train_epochs", "3"], 15) == 45
+    )  # ... under a cap
     assert steps(["--preset", "cifar10"], 97) == 97_000
 
 
-def test_the_default_batch_shrinks_for_small_datasets_only():
+def test_the_bundled_demo_has_its_own_recipe_and_other_data_keeps_the_defaults(tmp_path):
+    demo = train.parse_args([])
+    assert (demo.image_size, demo.total_batch_size, demo.num_train_epochs) == (40, 128, 4)
+    assert train.parse_args(["--image_size", "28"]).image_size == 28  # a flag still wins
+    for flags in (["--train_dir", str(tmp_path)], ["--dataset_name", "org/data"]):
+        args = train.parse_args(flags)
+        assert (args.image_size, args.total_batch_size, args.num_train_epochs) == (28, 256, 8), flags
+    cifar = train.parse_args(["--preset", "cifar10", "--train_dir", str(tmp_path)])
+    assert (cifar.image_size, cifar.total_batch_size) == (32, 512)  # the recipe, not the demo's
+    assert "default: 28 (40 for the bundled demo)" in " ".join(
+        train_args.build_parser().format_help().split()
+    )
+
+
+def test_the_default_batch_shrinks_for_small_datasets_only(tmp_path):
     def batch(flags, size):
         return train_data.default_batch_size(train.parse_args(flags), size)
 
-    assert batch([], 24_000) == 256  # the demo's batch is unchanged
-    assert batch([], 10_000) == 128 and batch([], 4_000) == 64 and batch([], 300) == 64
-    assert batch(["--total_batch_size", "256"], 4_000) == 256  # asked for: as given
+    folder = ["--train_dir", str(tmp_path)]
+    assert batch([], 24_000) == 128  # the demo's own batch
+    assert batch(folder, 24_000) == 256 and batch(folder, 10_000) == 128
+    assert batch(folder, 4_000) == 64 and batch(folder, 300) == 64
+    assert batch([*folder, "--total_batch_size", "256"], 4_000) == 256  # asked for: as given
     assert batch(["--preset", "cifar10"], 4_000) == 512  # a recipe keeps its batch
 
 

@@ -19,7 +19,7 @@ from accelerate.utils import LoggerType
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxModel
 from modeling_corinfomax.cli.flags import BooleanFlag, OneLineErrorParser
 from modeling_corinfomax.data import DataError, TwoViewAugmentation
-from modeling_corinfomax.presets import DEFAULTS, PRESETS
+from modeling_corinfomax.presets import BUNDLED_DEMO, DEFAULTS, PRESETS
 
 DESCRIPTION = """Pretrain a CorInfoMax image encoder with Accelerate on a `datasets` image corpus.
 
@@ -255,11 +255,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error = config_error
         chosen = {**from_file, **vars(p.parse_args(config_as_flags(from_file))), **chosen}
     preset = given.get("preset")
-    values = {**DEFAULTS, **preset_values(preset, chosen), **chosen, "preset": preset}
+    demo = BUNDLED_DEMO if uses_bundled_data(preset, chosen) else {}
+    values = {**DEFAULTS, **demo, **preset_values(preset, chosen), **chosen, "preset": preset}
     args = argparse.Namespace(**values)
     args.explicit = sorted(chosen)  # what the user set (flags or --config), for the run-length rules
     validate_args(args)
     return args
+
+
+def uses_bundled_data(preset: str | None, chosen: dict) -> bool:
+    """True for the bundled demo: no preset (each names its dataset) and no data source of the user's."""
+    return preset is None and not chosen.get("dataset_name") and not chosen.get("train_dir")
 
 
 def preset_values(preset: str | None, chosen: dict) -> dict:
@@ -282,7 +288,8 @@ def add_defaults_to_help(parser: argparse.ArgumentParser) -> None:
             continue
         value = DEFAULTS[key]
         shown = " ".join(map(str, value)) if isinstance(value, list) else value
-        action.help = f"{action.help + '; ' if action.help else ''}default: {shown}"
+        demo = f" ({BUNDLED_DEMO[key]} for the bundled demo)" if key in BUNDLED_DEMO else ""
+        action.help = f"{action.help + '; ' if action.help else ''}default: {shown}{demo}"
 
 
 def read_config_file(path: str) -> dict:
