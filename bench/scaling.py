@@ -5,7 +5,7 @@
     python bench/scaling.py --sweeps dims --dims 64 512 2048
     python bench/scaling.py --sweeps processes --process_steps 40
 
-Every sweep starts from `train.py`'s demo settings (`train.DEFAULTS`: ResNet-18 at 28 px, projector
+Every sweep starts from `train.py`'s default settings (`train.DEFAULTS`: ResNet-18 at 28 px, projector
 1024-1024-64, batch 256, bf16) and changes one thing:
 
 - dims: the projection size D (projector 1024-1024-D). The CorInfoMax loss works on two D x D

@@ -113,9 +113,9 @@ DEFAULTS: dict = {
 
 # The bundled demo's own recipe, over DEFAULTS when the run uses the bundled data (no --preset, no
 # --dataset_name/--train_dir): 40 px (the standard stem's last stage sees 2x2 instead of 1x1 at 28 px), batch
-# 128, 4 epochs = 748 steps. Chosen by the demo study in bench/RESULTS.md (about 7 minutes on 2 AVX512-BF16
+# 128, 5 epochs = 935 steps. Chosen by the demo study in bench/RESULTS.md (about 9 minutes on 2 AVX512-BF16
 # cores); a folder or Hub dataset without a preset keeps DEFAULTS (and the small-data batch rule).
-BUNDLED_DEMO: dict = {"image_size": 40, "total_batch_size": 128, "num_train_epochs": 4}
+BUNDLED_DEMO: dict = {"image_size": 40, "total_batch_size": 128, "num_train_epochs": 5}
 
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
 CIFAR100_MEAN, CIFAR100_STD = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]

@@ -119,7 +119,7 @@ def test_run_length_rules(tmp_path):
         return train.run_length(train.parse_args(flags), per_epoch)
 
     folder = ["--train_dir", str(tmp_path)]
-    assert steps([], 187) == 748  # the demo: 4 epochs of the bundled data at batch 128
+    assert steps([], 187) == 935  # the demo: 5 epochs of the bundled data at batch 128
     assert steps(folder, 93) == 744 and steps(folder, 15) == 700  # a folder: 8 epochs, at least 700 steps
     assert steps([*folder, "--num_train_epochs", "2"], 15) == 30  # asked for: as given
     assert steps(["--max_train_steps", "5"], 15) == 5
@@ -132,7 +132,7 @@ def test_run_length_rules(tmp_path):
 
 def test_the_bundled_demo_has_its_own_recipe_and_other_data_keeps_the_defaults(tmp_path):
     demo = train.parse_args([])
-    assert (demo.image_size, demo.total_batch_size, demo.num_train_epochs) == (40, 128, 4)
+    assert (demo.image_size, demo.total_batch_size, demo.num_train_epochs) == (40, 128, 5)
     assert train.parse_args(["--image_size", "28"]).image_size == 28  # a flag still wins
     for flags in (["--train_dir", str(tmp_path)], ["--dataset_name", "org/data"]):
         args = train.parse_args(flags)
