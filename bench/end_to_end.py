@@ -7,14 +7,14 @@ Runs, exactly as a user would (no precision or thread flag, a shell without OMP_
 
     accelerate launch train.py --preset cifar10 --train_dir <32 px folder> --max_train_steps N --no-do_eval
 
-at train.py's default logging cadence (a record every 10 steps; each record's images/s covers the steps
-since the previous record: decoding, crops, augmentation, forward, backward and optimizer, not the record's
-own monitoring) and reports the median over the records after the first (which holds the warm-up steps).
-An earlier version logged every step, which runs the RankMe probe after every step; it measured about a
-quarter fewer images/s than the default cadence on the same machine, for a run users do not make. The
-reference is the official code's step rebuilt in `bench/train_step.py` (`BaselineStep`: torchvision
-ResNet-18 with the CIFAR stem, fp32, NCHW, the official loss) at the same global batch (512) on this
-machine with every core. Images count once each, though each is seen as two views, in both numbers.
+at train.py's default logging cadence (a record every `--logging_steps`, 10 steps; each record's images/s
+covers the steps since the previous record: decoding, crops, augmentation, forward, backward and optimizer,
+not the record's own monitoring) and reports the median over the records after the first (which holds the
+warm-up steps). An earlier version logged every step, which runs the RankMe probe after every step; it
+measured about a quarter fewer images/s than the default cadence on the same machine, for a run users do not
+make. The reference is the official code's step rebuilt in `bench/train_step.py` (`BaselineStep`:
+torchvision ResNet-18 with the CIFAR stem, fp32, NCHW, the official loss) at the same global batch (512) on
+this machine with every core. Images count once each, though each is seen as two views, in both numbers.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ import torch
 from common import machine_info, median, user_launch
 from PIL import Image
 from train_step import BaselineStep, case_setup
+
+from modeling_corinfomax.presets import DEFAULTS
+
+LOG_EVERY = DEFAULTS["logging_steps"]  # train.py's cadence, which the run keeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +67,9 @@ def ours(folder: Path, steps: int, out: Path) -> tuple[float, list[float], str]:
     ]
     rates = [r["images_per_second"] for r in json.loads((out / "training_log.json").read_text())]
     if len(rates) < 2:
-        raise SystemExit(f"error: {len(rates)} log record(s) in {steps} steps: pass --steps of at least 20.")
+        raise SystemExit(
+            f"error: {len(rates)} log record(s) in {steps} steps: pass --steps {2 * LOG_EVERY} or more."
+        )
     return median(rates[1:]), rates, "; ".join(chosen)
 
 
@@ -84,7 +90,10 @@ def official(steps: int, threads: int) -> tuple[float, list[float]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--steps", type=int, default=30, help="train.py steps (the first 10, warm-up, are not counted)"
+        "--steps",
+        type=int,
+        default=3 * LOG_EVERY,
+        help=f"train.py steps (the first {LOG_EVERY}, warm-up, are not counted)",
     )
     p.add_argument("--official_steps", type=int, default=5)
     p.add_argument("--output", default="bench/results/end_to_end.json")
