@@ -84,8 +84,19 @@ def choose_cpu_threads(flag: int | None, local_processes: int, cores: int | None
     return max(1, cores // local_processes), f"{cores} cores / {local_processes} process(es) on this machine"
 
 
+def onednn_isa_cap_excludes_bf16(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the user capped oneDNN (`ONEDNN_MAX_CPU_ISA`/`DNNL_MAX_CPU_ISA`) below its native bf16 kernels
+    (AVX512_CORE_BF16, AMX, AVX10): convolutions then emulate bf16 even on a CPU that has it. (This is also
+    how an AVX2-only CPU is reproduced on a newer one: ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2.)"""
+    environ = os.environ if environ is None else environ
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return bool(cap) and cap not in ("ALL", "DEFAULT") and not any(k in cap for k in ("BF16", "AMX", "AVX10"))
+
+
 def cpu_runs_bf16_fast() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
+    """Whether this CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16) that oneDNN may use."""
+    if onednn_isa_cap_excludes_bf16():
+        return False
     cpu = getattr(torch._C, "_cpu", None)
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         check = getattr(cpu, probe, None)
@@ -135,5 +146,6 @@ __all__ = [
     "choose_mixed_precision",
     "cpu_runs_bf16_fast",
     "device_runs_bf16_fast",
+    "onednn_isa_cap_excludes_bf16",
     "requested_threads",
 ]

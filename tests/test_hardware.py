@@ -19,8 +19,21 @@ def cpuinfo_flags() -> set[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
-def test_cpu_bf16_detection_agrees_with_the_kernels_cpu_flags():
+def test_cpu_bf16_detection_agrees_with_the_kernels_cpu_flags(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     assert hardware.cpu_runs_bf16_fast() == bool({"amx_bf16", "avx512_bf16"} & cpuinfo_flags())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN capped below bf16: it would emulate it
+    assert not hardware.cpu_runs_bf16_fast()
+
+
+def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16():
+    excludes = hardware.onednn_isa_cap_excludes_bf16
+    for cap in ("AVX2", "avx2", "AVX512_CORE", "AVX512_CORE_VNNI", "SSE41", "AVX2_VNNI"):
+        assert excludes({"ONEDNN_MAX_CPU_ISA": cap}) and excludes({"DNNL_MAX_CPU_ISA": cap}), cap
+    for cap in ("", "ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX10_1_512_AMX"):
+        assert not excludes({"ONEDNN_MAX_CPU_ISA": cap}), cap
+    assert not excludes({})
 
 
 def test_precision_rules(monkeypatch):

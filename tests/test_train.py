@@ -11,6 +11,7 @@ import sys
 import pytest
 from helpers import REPO_ROOT, SMALL, TrainInBackground, assert_same_weights, run_train
 
+from modeling_corinfomax import hardware
 from modeling_corinfomax.cli import train, train_args, train_data
 from modeling_corinfomax.presets import DEFAULTS, PRESETS
 
@@ -130,18 +131,35 @@ def test_run_length_rules(tmp_path):
     assert steps(["--preset", "cifar10"], 97) == 97_000
 
 
-def test_the_bundled_demo_has_its_own_recipe_and_other_data_keeps_the_defaults(tmp_path):
+def test_the_bundled_demo_has_its_own_recipe_and_other_data_keeps_the_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_runs_bf16_fast", lambda: True)
     demo = train.parse_args([])
-    assert (demo.image_size, demo.total_batch_size, demo.num_train_epochs) == (40, 128, 5)
+    assert (demo.total_batch_size, demo.num_train_epochs, demo.time_budget_minutes) == (128, 5, 9.5)
+    assert demo.backbone == "resnet18" and demo.image_size is None  # 40 px: the rule, for 28 px images
     assert train.parse_args(["--image_size", "28"]).image_size == 28  # a flag still wins
     for flags in (["--train_dir", str(tmp_path)], ["--dataset_name", "org/data"]):
         args = train.parse_args(flags)
-        assert (args.image_size, args.total_batch_size, args.num_train_epochs) == (28, 256, 8), flags
+        assert (args.total_batch_size, args.num_train_epochs, args.time_budget_minutes) == (256, 8, None)
+        assert args.backbone == "resnet18" and not args.bundled_demo, flags
     cifar = train.parse_args(["--preset", "cifar10", "--train_dir", str(tmp_path)])
     assert (cifar.image_size, cifar.total_batch_size) == (32, 512)  # the recipe, not the demo's
-    assert "default: 28 (40 for the bundled demo)" in " ".join(
-        train_args.build_parser().format_help().split()
-    )
+    help_text = " ".join(train_args.build_parser().format_help().split())
+    assert "default: resnet18 (resnet10t for the bundled demo in fp32)" in help_text
+    assert "default: none (9.5 for the bundled demo)" in help_text
+
+
+def test_the_demo_recipe_follows_the_precision_the_cpu_runs_natively(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_runs_bf16_fast", lambda: False)  # an AVX2-only CPU
+    slow = train.parse_args([])
+    assert (slow.backbone, slow.time_budget_minutes, slow.num_train_epochs) == ("resnet10t", 9.5, 5)
+    assert train.parse_args(["--mixed_precision", "bf16"]).backbone == "resnet18"  # asked for bf16
+    assert train.parse_args(["--backbone", "resnet50"]).backbone == "resnet50"  # a flag wins
+    monkeypatch.setattr(hardware, "cpu_runs_bf16_fast", lambda: True)
+    assert train.parse_args(["--mixed_precision", "no"]).backbone == "resnet10t"  # asked for fp32
+    # a length the user sets replaces the demo's budget (epochs and steps are as given; a budget is theirs)
+    assert train.parse_args(["--num_train_epochs", "2"]).time_budget_minutes is None
+    assert train.parse_args(["--max_train_steps", "9"]).time_budget_minutes is None
+    assert train.parse_args(["--time_budget_minutes", "20"]).time_budget_minutes == 20
 
 
 def test_the_default_batch_shrinks_for_small_datasets_only(tmp_path):

@@ -316,7 +316,9 @@ def make_accelerator(args, project: Path) -> Accelerator:
 
 def run_length(args, steps_per_epoch: int | None) -> int | None:
     """The planned number of steps (`training.planned_steps` of the flags); None: a time budget sizes it."""
-    epochs_given = "num_train_epochs" in args.explicit
+    epochs_given = (
+        "num_train_epochs" in args.explicit or args.bundled_demo
+    )  # the demo's epochs cap its budget
     budget = bool(args.time_budget_minutes)
     return planned_steps(
         args.max_train_steps,

@@ -13,13 +13,16 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate import PartialState
 from accelerate.tracking import get_available_trackers as available_trackers
 from accelerate.utils import LoggerType
 
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxModel
 from modeling_corinfomax.cli.flags import BooleanFlag, OneLineErrorParser
-from modeling_corinfomax.data import DataError, TwoViewAugmentation
-from modeling_corinfomax.presets import BUNDLED_DEMO, DEFAULTS, PRESETS
+from modeling_corinfomax.data import PHOTO_RESOLUTION, DataError, TwoViewAugmentation, min_resolution
+from modeling_corinfomax.data.resolution import SAMPLE_SIZE
+from modeling_corinfomax.hardware import choose_mixed_precision
+from modeling_corinfomax.presets import BUNDLED_DEMO, BUNDLED_DEMO_FP32, DEFAULTS, PRESETS
 
 DESCRIPTION = """Pretrain a CorInfoMax image encoder with Accelerate on a `datasets` image corpus.
 
@@ -112,7 +115,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lambda_mu", type=float, help="mean forgetting factor (official: la_mu)")
     g.add_argument("--R_init", type=float, help="initial covariance scale (official: R_ini)")
     g.add_argument("--eps", type=float, help="log-det regulariser (official: R_eps_weight)")
-    g.add_argument("--image_size", type=int)
+    g.add_argument(
+        "--image_size",
+        type=int,
+        help="training and evaluation crop size. Default (no preset, flag or config): from the images, "
+        f"whose sizes are read from {SAMPLE_SIZE} of them: their median short side, at most {PHOTO_RESOLUTION} (photos) and at least {min_resolution()} ({min_resolution(True)} "
+        "with --cifar_stem), so that tiny images are upsampled until the last stage keeps a 2x2 map",
+    )
     g.add_argument("--image_mean", type=float, nargs=3)
     g.add_argument("--image_std", type=float, nargs=3)
 
@@ -255,9 +264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error = config_error
         chosen = {**from_file, **vars(p.parse_args(config_as_flags(from_file))), **chosen}
     preset = given.get("preset")
-    demo = BUNDLED_DEMO if uses_bundled_data(preset, chosen) else {}
+    demo = bundled_demo_recipe(chosen) if uses_bundled_data(preset, chosen) else {}
     values = {**DEFAULTS, **demo, **preset_values(preset, chosen), **chosen, "preset": preset}
     args = argparse.Namespace(**values)
+    args.bundled_demo = bool(demo)  # its recipe's epochs cap its budget (`cli.train.run_length`)
     args.explicit = sorted(chosen)  # what the user set (flags or --config), for the run-length rules
     validate_args(args)
     return args
@@ -266,6 +276,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def uses_bundled_data(preset: str | None, chosen: dict) -> bool:
     """True for the bundled demo: no preset (each names its dataset) and no data source of the user's."""
     return preset is None and not chosen.get("dataset_name") and not chosen.get("train_dir")
+
+
+def bundled_demo_recipe(chosen: dict, device: torch.device | None = None) -> dict:
+    """The bundled demo's recipe for the precision this run will train in: `BUNDLED_DEMO` where bf16 is
+    native, `BUNDLED_DEMO_FP32` (a cheaper backbone) in fp32. Its default time budget gives way when the user
+    sets the run's length (epochs, steps or a budget)."""
+    device = PartialState().device if device is None else device
+    precision, _ = choose_mixed_precision(chosen.get("mixed_precision", "auto"), device)
+    recipe = dict(BUNDLED_DEMO if precision != "no" else BUNDLED_DEMO_FP32)
+    if {"num_train_epochs", "max_train_steps", "time_budget_minutes"} & chosen.keys():
+        recipe.pop("time_budget_minutes")
+    return recipe
 
 
 def preset_values(preset: str | None, chosen: dict) -> dict:
@@ -284,11 +306,16 @@ def add_defaults_to_help(parser: argparse.ArgumentParser) -> None:
     given; argparse would otherwise show no default)."""
     for action in parser._actions:
         key = action.dest
-        if key not in DEFAULTS or DEFAULTS[key] in (None, False) or isinstance(DEFAULTS[key], dict):
+        if key not in DEFAULTS or DEFAULTS[key] is False or isinstance(DEFAULTS[key], dict):
+            continue
+        demo = [f"{BUNDLED_DEMO[key]} for the bundled demo"] if key in BUNDLED_DEMO else []
+        if BUNDLED_DEMO_FP32.get(key, DEFAULTS[key]) != BUNDLED_DEMO.get(key, DEFAULTS[key]):
+            demo.append(f"{BUNDLED_DEMO_FP32[key]} for the bundled demo in fp32")
+        if DEFAULTS[key] is None and not demo:
             continue
         value = DEFAULTS[key]
-        shown = " ".join(map(str, value)) if isinstance(value, list) else value
-        demo = f" ({BUNDLED_DEMO[key]} for the bundled demo)" if key in BUNDLED_DEMO else ""
+        shown = " ".join(map(str, value)) if isinstance(value, list) else "none" if value is None else value
+        demo = f" ({'; '.join(demo)})" if demo else ""
         action.help = f"{action.help + '; ' if action.help else ''}default: {shown}{demo}"
 
 
@@ -339,8 +366,9 @@ def validate_args(args: argparse.Namespace) -> None:
         fail(
             f"--backbone_kwargs must be a JSON object such as '{{\"img_size\": 32}}', got {args.backbone_kwargs!r}."
         )
-    try:
-        args.model_config = CorInfoMaxConfig(**{k: getattr(args, k) for k in CONFIG_FIELDS})
+    try:  # without --image_size, the size comes from the data (`set_image_size`); the rest is checked now
+        fields = {k: getattr(args, k) for k in CONFIG_FIELDS}
+        args.model_config = CorInfoMaxConfig(**{**fields, "image_size": args.image_size or PHOTO_RESOLUTION})
     except (ValueError, TypeError) as error:
         fail(str(error))
     for name in (
@@ -417,6 +445,16 @@ def validate_args(args: argparse.Namespace) -> None:
         args.two_view_augmentation = TwoViewAugmentation.from_dict(args.augmentation)
     except (DataError, TypeError) as error:
         fail(f"bad augmentation setting: {error}")
+    check_backbone_accepts_image_size(args.model_config, fail, forward=args.image_size is not None)
+
+
+def set_image_size(args: argparse.Namespace, image_size: int) -> None:
+    """Set the resolution chosen from the data (`--image_size` was not given) and check the backbone takes it."""
+
+    def fail(message: str):
+        raise SystemExit(f"error: {message}")
+
+    args.image_size = args.model_config.image_size = image_size
     check_backbone_accepts_image_size(args.model_config, fail)
 
 
@@ -441,12 +479,14 @@ def check_push_is_possible(args: argparse.Namespace, fail) -> None:
         )
 
 
-def check_backbone_accepts_image_size(config: CorInfoMaxConfig, fail) -> None:
-    """Build the backbone once and run two images through it, so a size it cannot take fails now."""
+def check_backbone_accepts_image_size(config: CorInfoMaxConfig, fail, forward: bool = True) -> None:
+    """Build the backbone once and (`forward`) run two images through it, so a size it cannot take fails now
+    (without `forward`: the size is not known yet, only the backbone is checked)."""
     try:
         model = CorInfoMaxModel(config, add_projector=False).eval()
         with torch.no_grad():
-            model(torch.zeros(2, 3, config.image_size, config.image_size))
+            if forward:
+                model(torch.zeros(2, 3, config.image_size, config.image_size))
     except ValueError as error:
         fail(str(error))
     except TypeError as error:

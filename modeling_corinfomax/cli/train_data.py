@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from modeling_corinfomax.cli.train_args import set_image_size
 from modeling_corinfomax.data import (
     DataError,
     EpochShuffleSampler,
@@ -16,6 +17,7 @@ from modeling_corinfomax.data import (
     ImageViewDataset,
     InMemoryTwoViewDataset,
     IterableImageViewDataset,
+    choose_resolution,
     class_names,
     decode_split,
     load_image_dataset,
@@ -137,6 +139,11 @@ def build_dataloaders(args, accelerator):
         raise DataError(
             "the training split is empty: check --train_split, --train_dir or --max_train_samples."
         )
+    if args.image_size is None:  # no flag, config or preset set it: the images' sizes decide
+        choice = choose_resolution(train, image_column, args.cifar_stem)
+        set_image_size(args, choice.image_size)
+        logger.info("image size from the data: %s (the rule: --help of --image_size; --image_size N to "
+                    "change)", choice.describe())  # fmt: skip
     resolve_batch_sizes(args, accelerator, None if args.streaming else len(train))
     workers = args.dataloader_num_workers
     if workers is None:  # leave the cores to the model on small machines

@@ -1,5 +1,6 @@
 """Data for CorInfoMax, one module per pipeline stage: `datasets` loading and columns (`sources`),
-decoding to RGB (`decoding`), crop geometry (`geometry`), colour operations (`colour`), the paper's
+decoding to RGB (`decoding`), crop geometry (`geometry`), the training resolution from the images' sizes
+(`resolution`), colour operations (`colour`), the paper's
 two-view augmentation (`augmentation`) and the PyTorch datasets, collator and sampler (`datasets`).
 
 The pipeline is split so that the expensive part runs batched:
@@ -46,6 +47,13 @@ from .geometry import (
     resize_weights,
     sample_crop_boxes,
 )
+from .resolution import (
+    PHOTO_RESOLUTION,
+    ResolutionChoice,
+    choose_resolution,
+    min_resolution,
+    resolution_for,
+)
 from .sources import (
     BUNDLED_DATA_DIR,
     FASHION_MNIST_DIR,
@@ -70,6 +78,8 @@ __all__ = [
     "EpochShuffleSampler",
     "ExampleCollator",
     "NormalizedBatches",
+    "PHOTO_RESOLUTION",
+    "ResolutionChoice",
     "ImageViewDataset",
     "InMemoryEvalDataset",
     "InMemoryTwoViewDataset",
@@ -78,6 +88,7 @@ __all__ = [
     "ViewAugmentation",
     "batched_resized_crop",
     "centre_crop_box",
+    "choose_resolution",
     "class_indices",
     "class_names",
     "crop_view",
@@ -91,10 +102,12 @@ __all__ = [
     "hsv_to_rgb",
     "label_names",
     "load_image_dataset",
+    "min_resolution",
     "read_idx",
     "normalize_batch",
     "random_resized_crop_params",
     "resize_weights",
+    "resolution_for",
     "resolve_columns",
     "rgb_to_hsv",
     "sample_crop_boxes",
