@@ -10,6 +10,7 @@ random init and raw pixels, the steps the budget gave, and the wall time.
 
     python bench/small_folder.py --dataset fashion4k       # tuning set: 4,000 Fashion-MNIST training images
     python bench/small_folder.py --dataset textures        # check set: patches of scikit-image's photos
+    python bench/small_folder.py --dataset photos          # check set: JPEG photos of varied sizes
     python bench/small_folder.py --dataset fashion4k --build_only --root /tmp/folders
 
 `fashion4k`: 400 images per class from Debian's `dataset-fashion-mnist` (train) and 200 per class of
@@ -90,7 +91,38 @@ def build_textures(root: Path, size: int = 32) -> None:
                 Image.fromarray(patch).save(target / f"{offset + i:05d}.png")
 
 
-BUILDERS = {"fashion4k": build_fashion4k, "textures": build_textures}
+def build_photos(root: Path) -> None:
+    """Photos of varied sizes: JPEG crops (quality 90, short side 150-450 px, aspect 3:4-4:3) of six of the
+    real photographs in Debian's `mate-backgrounds` (class = photograph; training crops from the left 70 % of
+    each photograph, test crops from the right 30 %): 400 + 100 per class."""
+    if not PHOTO_DIR.is_dir():
+        raise SystemExit(f"error: {PHOTO_DIR} is missing: `apt-get install mate-backgrounds`.")
+    rng = np.random.default_rng(0)
+    for name in PHOTO_SOURCES:
+        with Image.open(PHOTO_DIR / f"{name}.jpg") as photo:
+            picture = photo.convert("RGB")
+        cut = int(0.7 * picture.width)
+        regions = (("train", (0, cut), 400), ("test", (cut, picture.width), 100))
+        for split, (x0, x1), count in regions:
+            target = root / split / name
+            target.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                side = int(rng.integers(picture.height // 5, picture.height // 2))
+                side = min(side, x1 - x0)
+                top = int(rng.integers(0, picture.height - side + 1))
+                left = int(rng.integers(x0, x1 - side + 1))
+                short, aspect = (
+                    int(rng.integers(150, 451)),
+                    float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))),
+                )
+                size = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
+                crop = picture.crop((left, top, left + side, top + side)).resize(size, Image.BICUBIC)
+                crop.save(target / f"{i:04d}.jpg", quality=90)
+
+
+PHOTO_DIR = Path("/usr/share/backgrounds/mate/nature")
+PHOTO_SOURCES = ("Dune", "GreenMeadow", "LadyBird", "RainDrops", "Storm", "Wood")
+BUILDERS = {"fashion4k": build_fashion4k, "textures": build_textures, "photos": build_photos}
 
 
 def main() -> None:
