@@ -119,6 +119,14 @@ def device_runs_bf16_fast(device: torch.device) -> bool:
     return False
 
 
+def expected_device(environ: Mapping[str, str] | None = None) -> torch.device:
+    """The device the run will train on (CUDA unless there is none or `ACCELERATE_USE_CPU` is set), known
+    without initialising Accelerate's process state (which must come from the launcher's settings)."""
+    environ = os.environ if environ is None else environ
+    use_cpu = environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+
+
 def choose_mixed_precision(
     flag: str, device: torch.device, environ: Mapping[str, str] | None = None
 ) -> tuple[str, str]:
@@ -146,6 +154,7 @@ __all__ = [
     "choose_mixed_precision",
     "cpu_runs_bf16_fast",
     "device_runs_bf16_fast",
+    "expected_device",
     "onednn_isa_cap_excludes_bf16",
     "requested_threads",
 ]

@@ -245,6 +245,8 @@ def test_small_run_writes_a_loadable_model_and_all_outputs(tmp_path):
             "--no-eval_baselines",
             "--max_eval_train_samples",
             "200",
+            "--backbone",  # the demo recipe would pick ResNet-10-T in fp32
+            "resnet18",
             "--mixed_precision",  # fp32, as the recomputation below: bf16 features flip a few kNN votes
             "no",
         ]

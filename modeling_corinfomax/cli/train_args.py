@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import PartialState
 from accelerate.tracking import get_available_trackers as available_trackers
 from accelerate.utils import LoggerType
 
@@ -21,7 +20,7 @@ from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxModel
 from modeling_corinfomax.cli.flags import BooleanFlag, OneLineErrorParser
 from modeling_corinfomax.data import PHOTO_RESOLUTION, DataError, TwoViewAugmentation, min_resolution
 from modeling_corinfomax.data.resolution import SAMPLE_SIZE
-from modeling_corinfomax.hardware import choose_mixed_precision
+from modeling_corinfomax.hardware import choose_mixed_precision, expected_device
 from modeling_corinfomax.presets import BUNDLED_DEMO, BUNDLED_DEMO_FP32, DEFAULTS, PRESETS
 
 DESCRIPTION = """Pretrain a CorInfoMax image encoder with Accelerate on a `datasets` image corpus.
@@ -282,7 +281,7 @@ def bundled_demo_recipe(chosen: dict, device: torch.device | None = None) -> dic
     """The bundled demo's recipe for the precision this run will train in: `BUNDLED_DEMO` where bf16 is
     native, `BUNDLED_DEMO_FP32` (a cheaper backbone) in fp32. Its default time budget gives way when the user
     sets the run's length (epochs, steps or a budget)."""
-    device = PartialState().device if device is None else device
+    device = expected_device() if device is None else device
     precision, _ = choose_mixed_precision(chosen.get("mixed_precision", "auto"), device)
     recipe = dict(BUNDLED_DEMO if precision != "no" else BUNDLED_DEMO_FP32)
     if {"num_train_epochs", "max_train_steps", "time_budget_minutes"} & chosen.keys():
