@@ -14,22 +14,27 @@ from torchvision.transforms.v2 import functional as TF
 from .sources import DataError
 
 
+def open_image(value: Any) -> Image.Image:
+    """A `datasets` image cell (PIL image, `{"bytes", "path"}` dict, path or bytes) as a PIL image, opened
+    lazily: only the header is read until its pixels are used."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, (str, os.PathLike)):
+        return Image.open(value)
+    if isinstance(value, Image.Image):
+        return value
+    raise DataError(f"unsupported image value of type {type(value).__name__}")
+
+
 def decode_image(value: Any) -> Image.Image:
     """Decode a `datasets` image cell (PIL image, `{"bytes", "path"}` dict, path or bytes) to RGB.
 
     Handles every PIL mode: L/LA/P/PA (palette transparency is composited on white), RGBA, CMYK, YCbCr,
     and 16/32-bit integer or float images (rescaled to 8 bits from their own range).
     """
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
-    elif isinstance(value, Image.Image):
-        image = value
-    else:
-        raise DataError(f"unsupported image value of type {type(value).__name__}")
+    image = open_image(value)
     image.load()
     return to_rgb(image)
 

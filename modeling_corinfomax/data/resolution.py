@@ -16,16 +16,14 @@ The rule looks only at pixel sizes, never at what the data set is:
 
 from __future__ import annotations
 
-import io
-import os
 import statistics
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from .sources import DataError
+from .decoding import open_image
+from .sources import DataError, undecoded_columns
 
 SAMPLE_SIZE = 64
 PHOTO_RESOLUTION = 224
@@ -69,18 +67,9 @@ def resolution_for(sizes, cifar_stem: bool = False) -> int:
 
 def cell_size(value: Any) -> tuple[int, int]:
     """(width, height) of a `datasets` image cell, from the file header where there is a file."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, Image.Image):
-        return value.size
     if isinstance(value, np.ndarray) or hasattr(value, "shape"):  # (H, W) or (H, W, C) arrays
         return int(value.shape[1]), int(value.shape[0])
-    if isinstance(value, (bytes, bytearray)):
-        value = io.BytesIO(value)
-    elif not isinstance(value, (str, os.PathLike)):
-        raise DataError(f"unsupported image value of type {type(value).__name__}")
-    with Image.open(value) as image:  # reads the header only
-        return image.size
+    return open_image(value).size
 
 
 def sample_rows(dataset, n: int):
@@ -99,8 +88,6 @@ def choose_resolution(
 
     Raises `DataError` when none of the sampled images can be read.
     """
-    from .sources import undecoded_columns  # noqa: PLC0415
-
     sizes, unreadable = [], 0
     for row in sample_rows(undecoded_columns(dataset, image_column, None), n):
         try:
