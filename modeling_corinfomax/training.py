@@ -2,7 +2,8 @@
 
 - `TrainerState`: what a checkpoint's trainer_state.json holds (step, epoch, history, best model...).
 - `make_optimizer`, `peak_learning_rate`, `make_lr_lambda`, `planned_steps`: the recipe's optimisation.
-- `TimeBudget`: fits the number of steps to `--time_budget_minutes` once the step time is measured.
+- `TimeBudget`: fits the number of steps to `--time_budget_minutes` once the step time is measured;
+  `seconds_per_step` times an update before training (the budget's resolution rule).
 - `PretrainingStep`: one update (two views augmented on the device, forward, fault check, backward,
   optimizer step) exactly as train.py runs it; the benchmarks time this same object.
 - `StopSignal`, `all_processes_agree`, `kill_daemon_processes`: stopping cleanly on every process.
@@ -187,6 +188,37 @@ class TimeBudget:
             [time.time() - self.started > self.OVERRUN * self.seconds], device=accelerator.device
         )
         return bool(accelerator.gather(late.float()).max().item() > 0)
+
+
+def seconds_per_step(
+    model, batch_size: int, accelerator, channels_last: bool = False, repeats: int = 2
+) -> float:
+    """The time of one training update of `model` (forward of two views of `batch_size` random images at
+    `model.config.image_size`, backward) under `accelerator`'s device and autocast: the median of `repeats`
+    after one warm-up, the slowest process's. The global random state is left as it was, so that the run's
+    own model and draws do not depend on whether this was called; the model's parameters and loss state
+    change (use a throwaway model)."""
+    size = model.config.image_size
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    device = accelerator.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = model.to(device, memory_format=memory_format).train()
+        views = [
+            torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=memory_format)
+            for _ in range(2)
+        ]
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            with accelerator.autocast():
+                loss = model(pixel_values=views[0], pixel_values_2=views[1]).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    measured = torch.tensor([sorted(times[1:])[len(times[1:]) // 2]], device=device)
+    return float(accelerator.gather(measured).max().item())
 
 
 class PretrainingStep:

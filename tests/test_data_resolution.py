@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import datasets
 import numpy as np
@@ -90,3 +92,66 @@ def test_train_py_on_photos_trains_and_saves_at_the_photo_resolution(tmp_path, s
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert config["image_size"] == 224 and processor["crop_size"] == {"height": 224, "width": 224}
     assert json.loads((out / "training_args.json").read_text())["image_size"] == 224
+
+
+def budget_args(image_size, minutes, batch=64):
+    args = train.parse_args(["--train_dir", "unused", "--image_size", str(image_size)])
+    args.time_budget_minutes, args.per_device_train_batch_size = minutes, batch
+    return args
+
+
+def test_a_time_budget_lowers_a_photo_resolution_to_buy_enough_steps(monkeypatch, caplog):
+    from accelerate import Accelerator
+
+    from modeling_corinfomax.cli import train_data
+
+    timed = []
+
+    def seconds_per_step(model, batch_size, accelerator, channels_last=False):  # 1 us per image-pixel
+        timed.append((model.config.image_size, batch_size))
+        return 2 * batch_size * model.config.image_size**2 * 1e-6
+
+    monkeypatch.setattr(train_data, "seconds_per_step", seconds_per_step)
+    accelerator, started = Accelerator(cpu=True), time.time()
+    args = budget_args(224, minutes=9)  # 459 s for training: 224 px at 6.4 s/step buys 71 steps
+    with caplog.at_level(logging.INFO, logger="corinfomax.train"):
+        train_data.fit_resolution_to_budget(args, accelerator, started)
+    size = args.image_size
+    steps = int(459 // (128 * size**2 * 1e-6))
+    assert timed[0] == (224, train_data.PROBE_BATCH)  # timed on 16 images, scaled to the batch of 64
+    assert steps >= train_data.BUDGET_MIN_STEPS > int(459 // (128 * (size + 8) ** 2 * 1e-6))  # the largest 8k
+    assert size == 80 and args.model_config.image_size == 80 and timed[-1][0] == 80
+    assert "a step at 224 px takes ~6.42 s here, ~71 steps" in caplog.text
+    assert "trains at 80 px" in caplog.text and "--image_size N to choose" in caplog.text
+
+    timed.clear()
+    args = budget_args(224, minutes=600)  # a long budget: 224 px keeps its steps, nothing changes
+    train_data.fit_resolution_to_budget(args, accelerator, started)
+    assert args.image_size == 224 and [size for size, _ in timed] == [224]
+    timed.clear()
+    for args in (budget_args(224, None), budget_args(40, 0.1)):  # no budget; already at the rule's floor
+        train_data.fit_resolution_to_budget(args, accelerator, started)
+    assert timed == []
+    args = budget_args(224, minutes=0.01)  # no time left at all: the floor
+    train_data.fit_resolution_to_budget(args, accelerator, started)
+    assert args.image_size == 40
+
+
+def test_train_py_with_a_budget_on_photos_lowers_the_resolution_and_a_resumed_run_keeps_it(tmp_path):
+    photos = write_folder(tmp_path / "photos", [(220 + 9 * i, 180 + 17 * i) for i in range(8)])
+    out = tmp_path / "out"
+    flags = ["--train_dir", str(photos), "--output_dir", str(out), "--total_batch_size", "4"]
+    flags += ["--projector_dims", "32", "32", "8", "--rankme_samples", "0", "--checkpointing_steps", "1"]
+    flags += ["--dataloader_num_workers", "0", "--no-do_eval", "--report_to", "none"]
+    # A 12-second budget, most of it spent starting up: 224 px buys far fewer than 500 steps here.
+    result = run_train([*flags, "--time_budget_minutes", "0.2", "--max_train_steps", "1"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    log = result.stdout + result.stderr
+    assert "-> image_size 224" in log and "time budget 0.2 min: a step at 224 px takes" in log
+    chosen = json.loads((out / "config.json").read_text())["image_size"]
+    assert 40 <= chosen < 224 and f"trains at {chosen} px" in log
+    assert json.loads((out / "preprocessor_config.json").read_text())["crop_size"]["height"] == chosen
+    resumed = run_train([*flags, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"image size {chosen} px, as the interrupted run chose" in resumed.stdout + resumed.stderr
+    assert json.loads((out / "config.json").read_text())["image_size"] == chosen

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax import CorInfoMaxForPreTraining
 from modeling_corinfomax.checkpointing import BEST_MODEL, CheckpointSaver, write_atomically
-from modeling_corinfomax.cli.train_args import parse_args
+from modeling_corinfomax.cli.train_args import parse_args, set_image_size
 from modeling_corinfomax.cli.train_data import build_dataloaders
 from modeling_corinfomax.data import (
     DataError,
@@ -145,8 +145,10 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
             f"error: --output_dir {project} holds checkpoints of an earlier run: pass --resume_from_checkpoint "
             f"latest to continue it, or start afresh in another --output_dir (or delete {project / 'checkpoints'})."
         )
+    if args.resume_from_checkpoint and args.image_size is None:
+        restore_image_size(args, project, saver)
     set_seed(args.seed)
-    rows, sampler, train_loader, eval_rows, loader_kwargs = build_dataloaders(args, accelerator)
+    rows, sampler, train_loader, eval_rows, loader_kwargs = build_dataloaders(args, accelerator, started)
     peak_lr = peak_learning_rate(args.learning_rate, args.total_batch_size, args.lr_reference_batch_size)
 
     # Model and optimizer
@@ -256,6 +258,18 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         publish(project, repo_id=args.hub_model_id, token=token, private=args.hub_private_repo)
     accelerator.end_training()
     return results
+
+
+def restore_image_size(args, project: Path, saver: CheckpointSaver) -> None:
+    """A resumed run trains at the resolution the interrupted one chose from its data (a time budget's
+    choice depends on the machine's speed at the time)."""
+    path = project / TRAINING_ARGS_NAME
+    if (args.resume_from_checkpoint == "latest" and saver.latest() is None) or not path.is_file():
+        return
+    size = json.loads(path.read_text()).get("image_size")
+    if isinstance(size, int):
+        set_image_size(args, size)
+        logger.info("image size %d px, as the interrupted run chose", size)
 
 
 def build_model(args, accelerator) -> torch.nn.Module:

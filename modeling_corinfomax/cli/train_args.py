@@ -151,7 +151,9 @@ def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="size the run to this wall-clock budget: the step time is measured after a few steps and the "
         "warm-up + cosine schedule is fitted to end at the budget, leaving time for the final evaluation "
-        "and save; an explicit --num_train_epochs/--max_train_steps caps it",
+        "and save; an explicit --num_train_epochs/--max_train_steps caps it. A resolution from the data (no "
+        "--image_size) that leaves fewer than 500 steps in the budget is lowered until it does (a step is timed "
+        "before training)",
     )
     g.add_argument("--warmup_epochs", type=float)
     g.add_argument("--warmup_start_lr", type=float)

@@ -4,8 +4,11 @@ and the batch sizes, from the resolved flags."""
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
+import math
 import os
+import time
 
 import torch
 
@@ -21,17 +24,22 @@ from modeling_corinfomax.data import (
     class_names,
     decode_split,
     load_image_dataset,
+    min_resolution,
     resolve_columns,
     split_stream,
 )
 from modeling_corinfomax.evaluation import labelled_rows
-from modeling_corinfomax.training import StopSignal, kill_daemon_processes
+from modeling_corinfomax.modeling_corinfomax import CorInfoMaxForPreTraining
+from modeling_corinfomax.training import StopSignal, kill_daemon_processes, seconds_per_step
 
 logger = logging.getLogger("corinfomax.train")
 
 # The default global batch shrinks (by halves, down to MIN_DEFAULT_BATCH) until an epoch has at least
 # MIN_STEPS_PER_EPOCH steps: a few thousand images then get several times more updates in the same time.
 MIN_STEPS_PER_EPOCH, MIN_DEFAULT_BATCH = 50, 64
+# With --time_budget_minutes, a resolution from the data is lowered (never below the rule's floor) until
+# the budget buys at least BUDGET_MIN_STEPS steps, by a step timed before training on PROBE_BATCH images.
+BUDGET_MIN_STEPS, PROBE_BATCH, BUDGET_TRAINING_SHARE = 500, 16, 0.85
 
 
 def build_train_loader(args, accelerator, train, image_column: str, workers: int, loader_kwargs: dict):
@@ -119,9 +127,48 @@ def build_eval_rows(args, train, image_column: str, label_column: str | None) ->
     return eval_rows
 
 
-def build_dataloaders(args, accelerator):
+def fit_resolution_to_budget(args, accelerator, started: float) -> None:
+    """The budget's resolution rule: with `--time_budget_minutes`, a resolution taken from the data that
+    leaves fewer than `BUDGET_MIN_STEPS` steps in the budget is lowered until it does (or to the data
+    rule's floor). A step is timed before training on a throwaway model (`PROBE_BATCH` images, scaled to
+    the batch); the estimate assumes a step's time goes with the pixel count, and each lowered size is timed
+    again (three timings at most). `BUDGET_TRAINING_SHARE` of the remaining budget counts for training."""
+    floor, size = min_resolution(args.cifar_stem), args.image_size
+    if not args.time_budget_minutes or size <= floor:
+        return
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    probe = min(batch, PROBE_BATCH)
+    seconds = max(0.0, BUDGET_TRAINING_SHARE * (args.time_budget_minutes * 60 - (time.time() - started)))
+    timed = []  # (size, seconds per step, steps in the budget)
+    for _ in range(3):
+        config = copy.deepcopy(args.model_config)
+        config.image_size = size
+        try:
+            step_time = seconds_per_step(
+                CorInfoMaxForPreTraining(config), probe, accelerator, args.channels_last
+            )
+        except (RuntimeError, ValueError, AssertionError):  # a backbone that cannot take this size
+            break
+        step_time *= batch / probe
+        timed.append((size, step_time, int(seconds // step_time)))
+        if timed[-1][2] >= BUDGET_MIN_STEPS or size == floor:
+            break
+        size = max(floor, int(size * math.sqrt(timed[-1][2] / BUDGET_MIN_STEPS)) // 8 * 8)
+    if not timed or timed[-1][0] == args.image_size:
+        return
+    first, chosen = timed[0], timed[-1]  # the last size timed is the smallest
+    logger.info(
+        "time budget %.1f min: a step at %d px takes ~%.2f s here, ~%d steps; the budget's rule (at least %d "
+        "steps) trains at %d px (~%.2f s/step, ~%d steps); --image_size N to choose",
+        args.time_budget_minutes, first[0], first[1], first[2], BUDGET_MIN_STEPS, *chosen,
+    )  # fmt: skip
+    set_image_size(args, chosen[0])
+
+
+def build_dataloaders(args, accelerator, started: float | None = None):
     """The two-view training rows, sampler and loader, the labelled evaluation rows (or None), and the
-    DataLoader settings the evaluation reuses."""
+    DataLoader settings the evaluation reuses. `started` (the run's start time) lets a time budget lower a
+    resolution taken from the data (`fit_resolution_to_budget`)."""
     train = load_image_dataset(
         args.dataset_name,
         args.dataset_config_name,
@@ -139,12 +186,15 @@ def build_dataloaders(args, accelerator):
         raise DataError(
             "the training split is empty: check --train_split, --train_dir or --max_train_samples."
         )
-    if args.image_size is None:  # no flag, config or preset set it: the images' sizes decide
+    from_data = args.image_size is None  # no flag, config or preset set it: the images' sizes decide
+    if from_data:
         choice = choose_resolution(train, image_column, args.cifar_stem)
         set_image_size(args, choice.image_size)
         logger.info("image size from the data: %s (the rule: --help of --image_size; --image_size N to "
                     "change)", choice.describe())  # fmt: skip
     resolve_batch_sizes(args, accelerator, None if args.streaming else len(train))
+    if from_data and started is not None:
+        fit_resolution_to_budget(args, accelerator, started)
     workers = args.dataloader_num_workers
     if workers is None:  # leave the cores to the model on small machines
         workers = max(1, min(8, (os.cpu_count() or 2) // max(1, accelerator.num_processes) - 1))
