@@ -5,6 +5,7 @@
     <output_dir>/checkpoints/step_<N>/    `accelerator.save_state` + trainer_state.json, one per save
     <output_dir>/model.safetensors ...    the final model (`save_pretrained`)
     <output_dir>/best/                    `--save_best_by`: the best step's model + best_model.json
+    <output_dir>/.run.lock                `RunLock`: the running run's host and pid (one run per folder)
 
 Every write goes to a hidden `.tmp-` folder first and is renamed into place; deletions rename to
 `.old-` first. A `step_<N>` folder is therefore always complete, and `latest()` never picks a partial
@@ -13,13 +14,18 @@ one. Shaped like timm's `CheckpointSaver` (`timm/utils/checkpoint_saver.py`), on
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import torch
 
 logger = logging.getLogger(__name__)
@@ -165,23 +171,34 @@ class CheckpointSaver:
             shutil.rmtree(tmp, ignore_errors=True)
             root.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
+        # Every process writes its part (its random states) into `tmp`; the main process renames it only
+        # once all have written theirs, and all stop together when any write failed.
+        error = None
         try:
             accelerator.save_state(str(tmp))
-            if accelerator.is_main_process:
+        except Exception as caught:  # noqa: BLE001  (a full disk raises OSError, RuntimeError or SafetensorError)
+            error = caught
+        failed = self._anywhere(error is not None)
+        if not failed and accelerator.is_main_process:
+            try:
                 (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state))
                 if final.exists():
                     remove_checkpoint(final)
                 os.replace(tmp, final)
-        except Exception as error:  # noqa: BLE001  (a full disk raises OSError, RuntimeError or SafetensorError)
+            except OSError as caught:
+                error = caught
+        if failed or self._anywhere(error is not None):
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             free = shutil.disk_usage(root).free / 2**20
+            what = (
+                f"{type(error).__name__}: {error}" if error is not None else "another process failed to write"
+            )
             raise SystemExit(
-                f"error: could not write checkpoint {final} ({type(error).__name__}: {error}; {free:.0f} MiB free "
-                "there). The previous checkpoints are intact: free disk space (or lower --save_total_limit) and "
-                "resume with --resume_from_checkpoint latest."
-            ) from None
-        accelerator.wait_for_everyone()
+                f"error: could not write checkpoint {final} ({what}; {free:.0f} MiB free there). The previous "
+                "checkpoints are intact: free disk space (or lower --save_total_limit) and resume with "
+                "--resume_from_checkpoint latest."
+            )
         if accelerator.is_main_process and rotate and self.save_total_limit:
             done = sorted(
                 (p for p in root.glob("step_*") if (p / TRAINER_STATE_NAME).exists()), key=checkpoint_step
@@ -190,6 +207,13 @@ class CheckpointSaver:
                 remove_checkpoint(old)
         self.last_saved = final
         return final
+
+    def _anywhere(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process (the same answer everywhere)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        flags = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flags, reduction="sum").item() > 0)
 
     def save_or_stop(self, model, state: dict, fault: str | None = None, diverged: bool = False) -> Path:
         """Checkpoint the current step; on a numerical `fault`, or when the last update made the weights
@@ -255,3 +279,95 @@ class CheckpointSaver:
                 "checkpoint)."
             ) from None
         accelerator.wait_for_everyone()
+
+
+class RunLock:
+    """One run per output folder: the run's main process holds `<output_dir>/.run.lock`, a JSON file with
+    its host, pid and process start time, and touches it every `HEARTBEAT_SECONDS` from a daemon thread.
+
+    A second run finds the lock and is refused, unless the lock is stale, which is taken over (one log
+    line): on the same host, when its process is gone (pid absent, or reused by a process started later:
+    a `kill -9`, a crash); from another host, when it was last touched over `STALE_SECONDS` ago (a lost
+    node). A run that ends in any other way removes its lock (`release`, also at interpreter exit).
+    """
+
+    NAME, HEARTBEAT_SECONDS, STALE_SECONDS = ".run.lock", 30.0, 180.0
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / self.NAME
+        self.stop = threading.Event()
+        me = psutil.Process()
+        self.me = {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
+
+    @staticmethod
+    def describe(holder: dict) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+        return f"pid {holder.get('pid')} on host {holder.get('host')}, started {started}"
+
+    def holder(self) -> dict | None:
+        """The lock's content, None when there is no lock ({} when it cannot be parsed)."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def stale(self, holder: dict) -> bool:
+        """Whether the run that wrote `holder` is gone (class docstring)."""
+        if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int):
+            try:
+                process = psutil.Process(holder["pid"])
+                return abs(process.create_time() - float(holder.get("started", 0))) > 1.0  # a reused pid
+            except psutil.NoSuchProcess:
+                return True
+        try:
+            return time.time() - self.path.stat().st_mtime > self.STALE_SECONDS
+        except FileNotFoundError:
+            return True
+
+    def acquire(self) -> str | None:
+        """Take the lock: None, or the one-line reason it is held by a running run."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a lock removed or taken over between our reads: look again
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is None:
+                    continue
+                if holder == self.me:
+                    break
+                if not self.stale(holder):
+                    return (
+                        f"--output_dir {self.path.parent} is in use by a running run ({self.describe(holder)}); "
+                        "wait for it to end, or choose another --output_dir."
+                    )
+                logger.info("--output_dir %s: took over the lock of a run that is gone (%s)", self.path.parent,
+                            self.describe(holder) if holder else "unreadable lock")  # fmt: skip
+                write_atomically(self.path, json.dumps(self.me))
+                if self.holder() != self.me:  # another run took it over at the same moment
+                    continue
+                break
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(self.me))
+                break
+        else:
+            return f"--output_dir {self.path.parent}: could not take its run lock {self.path}; try again."
+        threading.Thread(target=self._heartbeat, daemon=True, name="run-lock").start()
+        atexit.register(self.release)
+        return None
+
+    def _heartbeat(self) -> None:
+        while not self.stop.wait(self.HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it."""
+        self.stop.set()
+        if self.holder() == self.me:
+            self.path.unlink(missing_ok=True)

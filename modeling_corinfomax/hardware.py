@@ -127,6 +127,16 @@ def expected_device(environ: Mapping[str, str] | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
 
 
+def launched_processes(environ: Mapping[str, str] | None = None) -> int:
+    """How many processes the launcher says the job has (`accelerate launch`, `torchrun`, MPI or a cluster
+    launcher's WORLD_SIZE-style variables; 1 without a launcher)."""
+    environ = os.environ if environ is None else environ
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if environ.get(name, "").strip().isdigit():
+            return int(environ[name])
+    return 1
+
+
 def choose_mixed_precision(
     flag: str, device: torch.device, environ: Mapping[str, str] | None = None
 ) -> tuple[str, str]:

@@ -50,10 +50,11 @@ def run_train(args: list[str], env_extra: dict | None = None, **kwargs) -> subpr
     )
 
 
-def start_train(args: list[str], **kwargs) -> subprocess.Popen:
-    """Start train.py in the background, stderr merged into a text stdout pipe."""
+def start_train(args: list[str], launcher: list[str] | None = None, **kwargs) -> subprocess.Popen:
+    """Start train.py in the background (under `launcher`, e.g. `accelerate launch ...`, else `python`),
+    stderr merged into a text stdout pipe."""
     return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        [*(launcher or [sys.executable]), str(REPO_ROOT / "train.py"), *args],
         env=train_env(),
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
@@ -71,8 +72,8 @@ class TrainInBackground:
     Use as a context manager: a run still alive at the end (a failed wait) is killed.
     """
 
-    def __init__(self, args: list[str]):
-        self.proc = start_train(args, start_new_session=True)
+    def __init__(self, args: list[str], launcher: list[str] | None = None):
+        self.proc = start_train(args, launcher, start_new_session=True)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()

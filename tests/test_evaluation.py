@@ -448,6 +448,25 @@ def test_linear_probe_reaches_the_regularised_optimum_on_encoder_features(tmp_pa
     assert_probe_at_the_optimum(x_train, y_train, x_test, y_test)
 
 
+def test_the_whitening_map_with_more_features_than_rows_is_the_full_one():
+    from modeling_corinfomax.evaluation import _whitening  # noqa: PLC0415
+
+    x = torch.randn(40, 6, dtype=torch.float64) @ torch.randn(6, 90, dtype=torch.float64)  # rank 6
+    rows = x.double()
+    eigenvalues, vectors = torch.linalg.eigh(rows.T @ rows / 40)
+    full = (vectors * (eigenvalues.clamp_min(0) + 1e-3).rsqrt()) @ vectors.T  # (90, 90), formed directly
+    v = torch.randn(3, 90, dtype=torch.float64)
+    assert torch.allclose(_whitening(x, 1e-3)(v), v @ full, rtol=1e-6, atol=1e-6 * full.abs().max())
+
+
+def test_linear_probe_reaches_the_optimum_with_more_pixels_than_rows(tmp_path):
+    # 600 images at 56 px (3,136 pixels): the raw-pixel baseline of a photo folder has this shape.
+    x_train, y_train = fashion_tensors("train", 600, str(tmp_path))
+    x_test, y_test = fashion_tensors("test", 1000, str(tmp_path))
+    upsample = lambda x: F.interpolate(x[:, :1], size=56, mode="bilinear").flatten(1)  # noqa: E731
+    assert_probe_at_the_optimum(upsample(x_train), y_train, upsample(x_test), y_test)
+
+
 def fashion_loader(x, y):
     return [
         {"pixel_values": normalize(x[i : i + 512]), "labels": y[i : i + 512]} for i in range(0, len(x), 512)

@@ -15,7 +15,9 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +77,12 @@ UNREADABLE = {
     "empty.png": b"",
     "garbage.png": b"this is not an image\n" * 20,
     "truncated.png": png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[:2000],
-    "one_pixel.png": png_bytes(np.zeros((1, 1, 3), np.uint8)),
+}
+# Readable images of 1 pixel on a side: a random resized crop of them is still an image, so they are used.
+TINY = {
+    "one_pixel.png": png_bytes(np.full((1, 1, 3), (200, 30, 30), np.uint8)),
+    "wide_line.png": png_bytes(np.full((1, 300, 3), (200, 30, 30), np.uint8)),
+    "tall_line.png": png_bytes(np.full((300, 1, 3), (200, 30, 30), np.uint8)),
 }
 
 
@@ -90,9 +97,20 @@ def image_folder(tmp_path_factory) -> Path:
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / klass / f"{i}.png")
     for i, (name, make) in enumerate(CONVERTIBLE.items()):
         make().save(root / "ab"[i % 2] / name, **({"transparency": 0} if name.startswith("palette") else {}))
-    for i, (name, data) in enumerate(UNREADABLE.items()):
+    for i, (name, data) in enumerate([*UNREADABLE.items(), *TINY.items()]):
         (root / "ab"[i % 2] / name).write_bytes(data)
     return root
+
+
+def test_images_of_one_pixel_a_side_give_views_of_their_colour(image_folder):
+    from modeling_corinfomax.data import crop_view, decode_image_tensor, eval_view  # noqa: PLC0415
+
+    generator = torch.Generator().manual_seed(0)
+    for name in TINY:
+        image = decode_image_tensor(str(next(image_folder.rglob(name))))
+        for view in (crop_view(image, 24, (0.08, 1.0), 0.5, generator), eval_view(image, 24)):
+            assert view.shape == (3, 24, 24)  # a flat colour resamples to itself
+            assert view.reshape(3, -1).unique(dim=1).tolist() == [[200], [30], [30]], name
 
 
 def test_unusual_image_modes_are_converted_to_rgb(image_folder):
@@ -124,9 +142,10 @@ def test_skip_bad_images_skips_counts_and_logs_them(image_cache, image_folder, t
     flags = [*FAST, "--train_dir", str(image_folder), "--max_train_steps", "2", "--skip_bad_images"]
     flags += ["--image_cache", image_cache]
     results = train.main([*flags, "--output_dir", str(out)])
-    # One epoch reads each file once: exactly the 4 unreadable ones are skipped, the 4 convertible are used.
-    assert results["global_step"] == 2 and results["bad_images"] == 4
-    assert json.loads((out / "eval_results.json").read_text())["bad_images"] == 4
+    # One epoch reads each file once: exactly the 3 unreadable ones are skipped; the 4 convertible and the 3
+    # of one pixel a side are used.
+    assert results["global_step"] == 2 and results["bad_images"] == 3
+    assert json.loads((out / "eval_results.json").read_text())["bad_images"] == 3
     logged = "\n".join(r.getMessage() for r in caplog.records if "unreadable" in r.getMessage())
     assert any(name in logged for name in UNREADABLE)
 
@@ -502,6 +521,7 @@ def interrupted(tmp_path_factory) -> dict:
             run.send(signal.SIGCONT)  # the write ended meanwhile: catch the next one
         run.send(signal.SIGKILL)
         assert run.finish()[0] == -signal.SIGKILL
+        report["second_output"] = run.output()
     latest = latest_checkpoint(out)
     report["left_after_kill"] = sorted(p.name for p in (out / "checkpoints").iterdir())
     report["latest_after_kill"] = {"files": {p.name for p in latest.iterdir()}, "finite": finite(latest)}
@@ -509,6 +529,9 @@ def interrupted(tmp_path_factory) -> dict:
     with start(resume=True) as run:  # 3: SIGTERM to the process group: the worker must not die first
         first = newest_step(out)
         run.wait_until(lambda: newest_step(out) > first, f"a checkpoint after step {first}")
+        # Meanwhile a second run on the same folder is refused at once, naming the running one.
+        second = run_train([*KILLED, "--resume_from_checkpoint", "latest", "--output_dir", str(out)])
+        report["second_run"], report["running_pid"] = (second.returncode, second.stderr), run.proc.pid
         run.send(signal.SIGTERM)
         report["sigterm_returncode"], report["sigterm_output"] = run.finish()
     report["stopped_at"] = newest_step(out)
@@ -518,6 +541,20 @@ def interrupted(tmp_path_factory) -> dict:
     assert final.returncode == 0, final.stderr[-3000:]
     report.update(straight=straight, out=out, final_output=final.stdout + final.stderr)
     return report
+
+
+def test_one_run_per_output_dir_and_a_killed_runs_lock_is_taken_over(interrupted):
+    returncode, stderr = interrupted["second_run"]
+    [line] = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert returncode == 1 and "is in use by a running run" in line
+    assert f"pid {interrupted['running_pid']} on host {socket.gethostname()}" in line
+    # Each resume after a kill -9 took the dead run's lock over by itself; the finished run removed its own.
+    for output in (interrupted["second_output"], interrupted["sigterm_output"]):
+        assert "took over the lock of a run that is gone" in output
+    assert (
+        not (interrupted["out"] / ".run.lock").exists()
+        and not (interrupted["straight"] / ".run.lock").exists()
+    )
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(interrupted):
@@ -602,3 +639,33 @@ def test_resuming_never_runs_code_from_checkpoint_files(name, refused, interrupt
         message = refusal([*flags, "--output_dir", str(tmp_path / "run")])
         assert message.startswith(f"error: cannot resume from {checkpoint} ({refused}")
     assert not marker.exists()
+
+
+def test_a_run_lock_is_stale_when_its_process_is_gone_or_its_host_stopped_touching_it(tmp_path):
+    import psutil  # noqa: PLC0415
+
+    from modeling_corinfomax.checkpointing import RunLock  # noqa: PLC0415
+
+    path, host = tmp_path / RunLock.NAME, socket.gethostname()
+
+    def held_by(**holder) -> str | None:
+        path.write_text(json.dumps(holder))
+        lock = RunLock(tmp_path)
+        refusal = lock.acquire()
+        lock.release()
+        return refusal
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    alive = {"host": host, "pid": sleeper.pid, "started": psutil.Process(sleeper.pid).create_time()}
+    assert f"in use by a running run (pid {sleeper.pid} on host {host}" in held_by(**alive)
+    assert held_by(**{**alive, "started": alive["started"] - 3600}) is None  # the pid was reused since
+    sleeper.kill()
+    sleeper.wait()
+    assert held_by(**alive) is None and not path.exists()  # gone: taken over, then released
+    assert "in use" in held_by(host="another-node", pid=1, started=0.0)  # touched just now
+    path.write_text(json.dumps({"host": "another-node", "pid": 1, "started": 0.0}))
+    old = time.time() - RunLock.STALE_SECONDS - 5
+    os.utime(path, (old, old))
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None and lock.holder() == lock.me  # a lost node's lock
+    lock.release()

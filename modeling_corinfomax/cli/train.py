@@ -28,12 +28,12 @@ from pathlib import Path
 import psutil
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax import CorInfoMaxForPreTraining
-from modeling_corinfomax.checkpointing import BEST_MODEL, CheckpointSaver, write_atomically
+from modeling_corinfomax.checkpointing import BEST_MODEL, CheckpointSaver, RunLock, write_atomically
 from modeling_corinfomax.cli.train_args import parse_args, set_image_size
 from modeling_corinfomax.cli.train_data import build_dataloaders
 from modeling_corinfomax.data import (
@@ -61,7 +61,12 @@ from modeling_corinfomax.evaluation import (
     raw_pixel_features,
     update_eval_results,
 )
-from modeling_corinfomax.hardware import choose_cpu_threads, choose_mixed_precision
+from modeling_corinfomax.hardware import (
+    choose_cpu_threads,
+    choose_mixed_precision,
+    expected_device,
+    launched_processes,
+)
 from modeling_corinfomax.monitoring import CollapseMonitor, projection_spectrum, rankme, spectrum_summary
 from modeling_corinfomax.reporting import (
     TRAINING_ARGS_NAME,
@@ -138,6 +143,7 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     project = Path(args.output_dir)
     accelerator = make_accelerator(args, project)
+    lock = hold_output_dir(project, accelerator)
     saver = CheckpointSaver(accelerator, project, args.save_total_limit)
     if args.resume_from_checkpoint is None and saver.latest() is not None:
         # A fresh run would mix its checkpoints with these, and a later 'latest' could pick the old run's.
@@ -245,6 +251,8 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         logger.info("received %s: saved %s; resume with --resume_from_checkpoint latest",
                     signal.Signals(run.stopped_by).name, path)  # fmt: skip
         accelerator.end_training()
+        if lock is not None:
+            lock.release()
         return None
 
     # Save, evaluate, push
@@ -257,7 +265,21 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         token = args.hub_token or os.environ.get("HF_TOKEN")
         publish(project, repo_id=args.hub_model_id, token=token, private=args.hub_private_repo)
     accelerator.end_training()
+    if lock is not None:
+        lock.release()
     return results
+
+
+def hold_output_dir(project: Path, accelerator: Accelerator) -> RunLock | None:
+    """The main process takes `--output_dir`'s run lock (`RunLock`); every process ends with the same one
+    line when another run holds it."""
+    lock = RunLock(project) if accelerator.is_main_process else None
+    refusal = [lock.acquire() if lock is not None else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise SystemExit(f"error: {refusal[0]}")
+    return lock
 
 
 def restore_image_size(args, project: Path, saver: CheckpointSaver) -> None:
@@ -286,17 +308,46 @@ def build_model(args, accelerator) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
+MULTI_PROCESS_CPU_LAUNCH = (
+    "accelerate launch --multi_gpu --num_processes N train.py ... (or torchrun --nproc_per_node N)"
+)
+
+
+def process_group() -> PartialState:
+    """Accelerate's process state, formed from the launcher's settings: the N processes a launcher started
+    (`WORLD_SIZE` and the like) become one group of N, on CPU too (gloo), or the run is refused with one
+    line. Without `cpu=True` Accelerate leaves CPU processes ungrouped: N independent runs over the whole
+    data, writing into the same folder."""
+    launched = launched_processes()
+    try:
+        state = PartialState(cpu=expected_device().type == "cpu")
+    except (RuntimeError, ValueError, OSError) as error:  # no rendezvous address, a peer that never came...
+        raise SystemExit(
+            f"error: the launcher started {launched} processes but they could not form one group ({error}); "
+            f"launch several processes with {MULTI_PROCESS_CPU_LAUNCH}."
+        ) from None
+    if state.num_processes != launched:
+        raise SystemExit(
+            f"error: the launcher started {launched} processes but Accelerate formed a group of "
+            f"{state.num_processes} ({state.distributed_type}); launch several processes with "
+            f"{MULTI_PROCESS_CPU_LAUNCH}."
+        )
+    return state
+
+
 def make_accelerator(args, project: Path) -> Accelerator:
     """The Accelerator with the chosen precision and CPU threads, and logging set up; one line states
     each choice."""
-    device = PartialState().device
+    state = process_group()
+    device = state.device
     args.mixed_precision, precision_reason = choose_mixed_precision(args.mixed_precision, device)
     threads_reason = None
     if device.type == "cpu":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", PartialState().num_processes))  # processes here
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))  # processes here
         threads, threads_reason = choose_cpu_threads(args.num_threads, local)
         torch.set_num_threads(threads)
     accelerator = Accelerator(
+        cpu=device.type == "cpu",
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,

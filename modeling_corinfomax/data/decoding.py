@@ -58,9 +58,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image_tensor(value: Any) -> torch.Tensor:
-    """`decode_image` as a (3, H, W) uint8 tensor; raises `DataError` for an image too small to crop
-    (under 2 pixels on a side)."""
+    """`decode_image` as a (3, H, W) uint8 tensor. Any image of at least one pixel a side is used, however
+    small or elongated (300x1, 1x1): a random resized crop can be cut from it and resampled to the training
+    size. An image without pixels raises `DataError`."""
     image = TF.pil_to_tensor(decode_image(value))
-    if min(image.shape[-2:]) < 2:
-        raise DataError(f"image of {image.shape[-1]}x{image.shape[-2]} pixels is too small to crop")
+    if min(image.shape[-2:]) < 1:
+        raise DataError(f"image of {image.shape[-1]}x{image.shape[-2]} pixels has no pixels to crop")
     return image
