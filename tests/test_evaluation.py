@@ -448,15 +448,27 @@ def test_linear_probe_reaches_the_regularised_optimum_on_encoder_features(tmp_pa
     assert_probe_at_the_optimum(x_train, y_train, x_test, y_test)
 
 
-def test_the_whitening_map_with_more_features_than_rows_is_the_full_one():
-    from modeling_corinfomax.evaluation import _whitening  # noqa: PLC0415
+def test_the_whitened_coordinates_with_more_features_than_rows_are_the_full_ones():
+    from modeling_corinfomax.evaluation import _WhitenedCoordinates  # noqa: PLC0415
 
-    x = torch.randn(40, 6, dtype=torch.float64) @ torch.randn(6, 90, dtype=torch.float64)  # rank 6
-    rows = x.double()
-    eigenvalues, vectors = torch.linalg.eigh(rows.T @ rows / 40)
-    full = (vectors * (eigenvalues.clamp_min(0) + 1e-3).rsqrt()) @ vectors.T  # (90, 90), formed directly
-    v = torch.randn(3, 90, dtype=torch.float64)
-    assert torch.allclose(_whitening(x, 1e-3)(v), v @ full, rtol=1e-6, atol=1e-6 * full.abs().max())
+    x = (torch.randn(40, 6, dtype=torch.float64) @ torch.randn(6, 90, dtype=torch.float64)).float()  # rank 6
+    y = torch.arange(40) % 3
+
+    def full_map(rows):  # (S + ridge I)^-1/2 of these rows, formed directly in float64
+        rows = rows.double()
+        eigenvalues, vectors = torch.linalg.eigh(rows.T @ rows / len(rows))
+        return ((vectors * (eigenvalues.clamp_min(0) + 1e-3).rsqrt()) @ vectors.T).float()
+
+    v = torch.randn(3, 90)
+    low_rank = _WhitenedCoordinates(x, 1e-3, max_rows=20)  # a subset of 20 rows: the low-rank + identity map
+    assert low_rank.form == "low-rank" and low_rank.width == 90
+    assert torch.allclose(low_rank.weight(v), v @ full_map(x[::2]), rtol=1e-4, atol=1e-4)
+    rows = _WhitenedCoordinates(x, 1e-3)  # every row: coordinates in the rows' span (6 of them)
+    assert rows.form == "rows" and rows.width == 6
+    u = torch.randn(3, 6)
+    weight, bias = rows.weight(u), torch.randn(3)
+    direct = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + 0.5e-3 * weight.square().sum()
+    assert torch.allclose(rows.objective(u, bias, y, 1e-3), direct, rtol=1e-4)
 
 
 def test_linear_probe_reaches_the_optimum_with_more_pixels_than_rows(tmp_path):

@@ -35,7 +35,9 @@ DEAD_RANK_BOUND_SECONDS = 60  # from the kill of one rank to the end of the laun
 def failure(result: subprocess.CompletedProcess) -> str:
     """The lines of a failed launch that say why (the launcher's summary hides its ranks' errors)."""
     log = (result.stdout + result.stderr).splitlines()
-    return "\n".join(line for line in log if "rror" in line or "Traceback" in line)[-4000:] or "\n".join(log[-40:])
+    return "\n".join(line for line in log if "rror" in line or "Traceback" in line)[-4000:] or "\n".join(
+        log[-40:]
+    )
 
 
 def launch(launcher: str, args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
