@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import REPO_ROOT, SMALL, TrainInBackground, assert_same_weights, run_train
 
 from modeling_corinfomax import hardware
@@ -135,7 +136,7 @@ def test_the_bundled_demo_has_its_own_recipe_and_other_data_keeps_the_defaults(t
     monkeypatch.setattr(hardware, "cpu_runs_bf16_fast", lambda: True)
     demo = train.parse_args([])
     assert (demo.total_batch_size, demo.num_train_epochs, demo.time_budget_minutes) == (128, 5, 9.5)
-    assert demo.backbone == "resnet18" and demo.image_size is None  # 40 px: the rule, for 28 px images
+    assert demo.backbone == "resnet10t" and demo.image_size is None  # 40 px: the rule, for 28 px images
     assert train.parse_args(["--image_size", "28"]).image_size == 28  # a flag still wins
     for flags in (["--train_dir", str(tmp_path)], ["--dataset_name", "org/data"]):
         args = train.parse_args(flags)
@@ -144,18 +145,17 @@ def test_the_bundled_demo_has_its_own_recipe_and_other_data_keeps_the_defaults(t
     cifar = train.parse_args(["--preset", "cifar10", "--train_dir", str(tmp_path)])
     assert (cifar.image_size, cifar.total_batch_size) == (32, 512)  # the recipe, not the demo's
     help_text = " ".join(train_args.build_parser().format_help().split())
-    assert "default: resnet18 (resnet10t for the bundled demo in fp32)" in help_text
+    assert "default: resnet18 (resnet10t for the bundled demo)" in help_text
     assert "default: none (9.5 for the bundled demo)" in help_text
 
 
-def test_the_demo_recipe_follows_the_precision_the_cpu_runs_natively(monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_runs_bf16_fast", lambda: False)  # an AVX2-only CPU
-    slow = train.parse_args([])
-    assert (slow.backbone, slow.time_budget_minutes, slow.num_train_epochs) == ("resnet10t", 9.5, 5)
-    assert train.parse_args(["--mixed_precision", "bf16"]).backbone == "resnet18"  # asked for bf16
+def test_the_demo_recipe_is_the_same_on_both_cpu_classes_and_its_budget_sizes_it(monkeypatch):
+    for native_bf16, precision in ((False, "no"), (True, "bf16")):  # an AVX2-only CPU; AMX or AVX512-BF16
+        monkeypatch.setattr(hardware, "cpu_runs_bf16_fast", lambda native=native_bf16: native)
+        args = train.parse_args([])
+        assert (args.backbone, args.time_budget_minutes, args.num_train_epochs) == ("resnet10t", 9.5, 5)
+        assert hardware.choose_mixed_precision("auto", torch.device("cpu"))[0] == precision
     assert train.parse_args(["--backbone", "resnet50"]).backbone == "resnet50"  # a flag wins
-    monkeypatch.setattr(hardware, "cpu_runs_bf16_fast", lambda: True)
-    assert train.parse_args(["--mixed_precision", "no"]).backbone == "resnet10t"  # asked for fp32
     # a length the user sets replaces the demo's budget (epochs and steps are as given; a budget is theirs)
     assert train.parse_args(["--num_train_epochs", "2"]).time_budget_minutes is None
     assert train.parse_args(["--max_train_steps", "9"]).time_budget_minutes is None

@@ -20,8 +20,7 @@ from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxModel
 from modeling_corinfomax.cli.flags import BooleanFlag, OneLineErrorParser
 from modeling_corinfomax.data import PHOTO_RESOLUTION, DataError, TwoViewAugmentation, min_resolution
 from modeling_corinfomax.data.resolution import SAMPLE_SIZE
-from modeling_corinfomax.hardware import choose_mixed_precision, expected_device
-from modeling_corinfomax.presets import BUNDLED_DEMO, BUNDLED_DEMO_FP32, DEFAULTS, PRESETS
+from modeling_corinfomax.presets import BUNDLED_DEMO, DEFAULTS, PRESETS
 
 DESCRIPTION = """Pretrain a CorInfoMax image encoder with Accelerate on a `datasets` image corpus.
 
@@ -279,13 +278,11 @@ def uses_bundled_data(preset: str | None, chosen: dict) -> bool:
     return preset is None and not chosen.get("dataset_name") and not chosen.get("train_dir")
 
 
-def bundled_demo_recipe(chosen: dict, device: torch.device | None = None) -> dict:
-    """The bundled demo's recipe for the precision this run will train in: `BUNDLED_DEMO` where bf16 is
-    native, `BUNDLED_DEMO_FP32` (a cheaper backbone) in fp32. Its default time budget gives way when the user
-    sets the run's length (epochs, steps or a budget)."""
-    device = expected_device() if device is None else device
-    precision, _ = choose_mixed_precision(chosen.get("mixed_precision", "auto"), device)
-    recipe = dict(BUNDLED_DEMO if precision != "no" else BUNDLED_DEMO_FP32)
+def bundled_demo_recipe(chosen: dict) -> dict:
+    """The bundled demo's recipe (`BUNDLED_DEMO`, the same on every machine: its time budget sizes the run to
+    the machine's speed). Its default time budget gives way when the user sets the run's length (epochs,
+    steps or a budget)."""
+    recipe = dict(BUNDLED_DEMO)
     if {"num_train_epochs", "max_train_steps", "time_budget_minutes"} & chosen.keys():
         recipe.pop("time_budget_minutes")
     return recipe
@@ -310,8 +307,6 @@ def add_defaults_to_help(parser: argparse.ArgumentParser) -> None:
         if key not in DEFAULTS or DEFAULTS[key] is False or isinstance(DEFAULTS[key], dict):
             continue
         demo = [f"{BUNDLED_DEMO[key]} for the bundled demo"] if key in BUNDLED_DEMO else []
-        if BUNDLED_DEMO_FP32.get(key, DEFAULTS[key]) != BUNDLED_DEMO.get(key, DEFAULTS[key]):
-            demo.append(f"{BUNDLED_DEMO_FP32[key]} for the bundled demo in fp32")
         if DEFAULTS[key] is None and not demo:
             continue
         value = DEFAULTS[key]
