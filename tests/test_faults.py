@@ -88,7 +88,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
-    """An imagefolder of 32 files in classes a/ and b/: 24 good PNGs, the 4 convertible and the 4 unreadable."""
+    """An imagefolder of 31 files in classes a/ and b/: 24 good PNGs, the 4 convertible and the 3 unreadable."""
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     for klass in "ab":
@@ -97,17 +97,43 @@ def image_folder(tmp_path_factory) -> Path:
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / klass / f"{i}.png")
     for i, (name, make) in enumerate(CONVERTIBLE.items()):
         make().save(root / "ab"[i % 2] / name, **({"transparency": 0} if name.startswith("palette") else {}))
-    for i, (name, data) in enumerate([*UNREADABLE.items(), *TINY.items()]):
+    for i, (name, data) in enumerate(UNREADABLE.items()):
         (root / "ab"[i % 2] / name).write_bytes(data)
     return root
 
 
-def test_images_of_one_pixel_a_side_give_views_of_their_colour(image_folder):
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory) -> Path:
+    """An imagefolder of 12 good 32x32 PNGs and the 3 images of one pixel a side."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        (root / "ab"[i % 2]).mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            root / "ab"[i % 2] / f"{i}.png"
+        )
+    for i, (name, data) in enumerate(TINY.items()):
+        (root / "ab"[i % 2] / name).write_bytes(data)
+    return root
+
+
+def test_train_py_uses_images_of_one_pixel_a_side(tiny_images, tmp_path):
+    out = tmp_path / "run"
+    flags = [*FAST, "--train_dir", str(tiny_images), "--max_train_steps", "2", "--total_batch_size", "15"]
+    result = run_train([*flags, "--dataloader_num_workers", "1", "--output_dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "cropping per image" in result.stdout
+    )  # the sizes differ: crops per image, every one of the 15 used
+    assert json.loads((out / "eval_results.json").read_text())["bad_images"] == 0
+
+
+def test_images_of_one_pixel_a_side_give_views_of_their_colour(tiny_images):
     from modeling_corinfomax.data import crop_view, decode_image_tensor, eval_view  # noqa: PLC0415
 
     generator = torch.Generator().manual_seed(0)
     for name in TINY:
-        image = decode_image_tensor(str(next(image_folder.rglob(name))))
+        image = decode_image_tensor(str(next(tiny_images.rglob(name))))
         for view in (crop_view(image, 24, (0.08, 1.0), 0.5, generator), eval_view(image, 24)):
             assert view.shape == (3, 24, 24)  # a flat colour resamples to itself
             assert view.reshape(3, -1).unique(dim=1).tolist() == [[200], [30], [30]], name
@@ -142,8 +168,7 @@ def test_skip_bad_images_skips_counts_and_logs_them(image_cache, image_folder, t
     flags = [*FAST, "--train_dir", str(image_folder), "--max_train_steps", "2", "--skip_bad_images"]
     flags += ["--image_cache", image_cache]
     results = train.main([*flags, "--output_dir", str(out)])
-    # One epoch reads each file once: exactly the 3 unreadable ones are skipped; the 4 convertible and the 3
-    # of one pixel a side are used.
+    # One epoch reads each file once: exactly the 3 unreadable ones are skipped, the 4 convertible are used.
     assert results["global_step"] == 2 and results["bad_images"] == 3
     assert json.loads((out / "eval_results.json").read_text())["bad_images"] == 3
     logged = "\n".join(r.getMessage() for r in caplog.records if "unreadable" in r.getMessage())
@@ -275,7 +300,7 @@ def test_a_validation_split_with_foreign_classes_turns_the_evaluation_off(tmp_pa
         (["--total_batch_size", "1"], "a batch needs at least 2 images"),
         (["--max_eval_samples", "0"], "--max_eval_samples must be a positive integer"),
         (["--backbone_kwargs", "[1]"], "--backbone_kwargs must be a JSON object"),
-        (["--backbone_kwargs", '{"no_such_argument": 1}'], "are not accepted by 'resnet18'"),
+        (["--backbone_kwargs", '{"no_such_argument": 1}'], "are not accepted by 'resnet10t'"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "is not a complete checkpoint"),
         (["--push_to_hub", "--hub_model_id", "not a repo id"], "is not a repository id"),
         (["--push_to_hub", "--hub_model_id", "org/name"], "HF_HUB_OFFLINE is set"),

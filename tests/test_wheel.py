@@ -103,7 +103,7 @@ def test_no_argument_training_from_the_wheel_saves_a_model_automodel_loads(insta
         "print(type(m).__name__, m.config.backbone)",
     )  # fmt: skip
     assert load.returncode == 0, load.stderr[-3000:]
-    assert load.stdout.split() == ["CorInfoMaxModel", "resnet18"]
+    assert load.stdout.split() == ["CorInfoMaxModel", "resnet10t"]  # the demo's backbone
     cmd = run(installed, str(installed["bin"] / "corinfomax-train"), "--max_train_steps", "1",
               "--total_batch_size", "16", "--no-do_eval", "--output_dir", "run2")  # fmt: skip
     assert cmd.returncode == 0, cmd.stderr[-3000:]
