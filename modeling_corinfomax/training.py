@@ -265,9 +265,14 @@ class PretrainingStep:
         self.generator = torch.Generator(device=device)
         self.seed, self.process_index = seed, process_index
 
-    def views(self, view1: torch.Tensor, view2: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) crops -> the two normalised float views of optimisation step `step`."""
-        self.generator.manual_seed(hash((self.seed, step, self.process_index)) & 0x7FFFFFFF)
+    def views(
+        self, view1: torch.Tensor, view2: torch.Tensor, step: int, micro_batch: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, H, W) crops -> the two normalised float views of optimisation step `step`; with
+        gradient accumulation, of its `micro_batch`-th micro-batch (each draws its own colours, blur and
+        solarisation; the first draws what a run without accumulation draws)."""
+        key = (self.seed, step, self.process_index) + ((micro_batch,) if micro_batch else ())
+        self.generator.manual_seed(hash(key) & 0x7FFFFFFF)
         return (
             self.augment[0](view1, self.generator, self.memory_format),
             self.augment[1](view2, self.generator, self.memory_format),
@@ -303,9 +308,9 @@ class PretrainingStep:
             self.optimizer.zero_grad(set_to_none=True)
         return out, None
 
-    def __call__(self, view1: torch.Tensor, view2: torch.Tensor, step: int):
+    def __call__(self, view1: torch.Tensor, view2: torch.Tensor, step: int, micro_batch: int = 0):
         """One update from uint8 crops (augmentation on the device included): `(output, fault)`."""
-        return self.update(*self.views(view1, view2, step))
+        return self.update(*self.views(view1, view2, step, micro_batch))
 
 
 class StopSignal:

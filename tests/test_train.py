@@ -410,3 +410,27 @@ def test_two_processes_see_different_data_share_the_global_loss_and_stay_identic
     from transformers import AutoModelForPreTraining  # noqa: PLC0415
 
     assert int(AutoModelForPreTraining.from_pretrained(run).loss_fn.num_updates) == 2
+
+
+def test_gradient_accumulation_counts_the_last_short_window_and_draws_views_per_micro_batch(
+    tmp_path, tiny_config
+):
+    # 40 images in micro-batches of 4 (global batch 16 = 4 x 4 accumulation): 10 batches per epoch, and
+    # Accelerate steps after batches 4, 8 and 10 (the end of the loader). One epoch is 3 steps, not 2.
+    flags = [*SMALL, "--backbone", "test_resnet", "--max_train_samples", "40", "--total_batch_size", "16",
+             "--gradient_accumulation_steps", "4", "--num_train_epochs", "1", "--mixed_precision", "no",
+             "--output_dir", str(tmp_path)]  # fmt: skip
+    results = train.main(flags)
+    assert results["global_step"] == 3
+    assert [r["step"] for r in json.loads((tmp_path / "training_log.json").read_text())] == [1, 2, 3]
+
+    from modeling_corinfomax import CorInfoMaxForPreTraining  # noqa: PLC0415
+    from modeling_corinfomax.data import TwoViewAugmentation  # noqa: PLC0415
+    from modeling_corinfomax.training import PretrainingStep  # noqa: PLC0415
+
+    model = CorInfoMaxForPreTraining(tiny_config)
+    step = PretrainingStep(model, None, TwoViewAugmentation(), [0.5] * 3, [0.25] * 3, torch.device("cpu"))
+    crops = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    drawn = {micro: step.views(crops, crops, step=5, micro_batch=micro)[1] for micro in (0, 1, 2)}
+    assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])  # its own draws
+    assert torch.equal(drawn[1], step.views(crops, crops, step=5, micro_batch=1)[1])  # seeded: resumable

@@ -162,12 +162,6 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     optimizer = make_optimizer(
         model, args.optimizer, peak_lr, args.momentum, args.weight_decay, args.exclude_bias_and_norm_from_wd
     )
-    steps_per_epoch = None
-    if sampler is not None:
-        steps_per_epoch = math.ceil(
-            len(train_loader) // args.gradient_accumulation_steps / accelerator.num_processes
-        )
-    total_steps = run_length(args, steps_per_epoch)
 
     # Prepare
     if sampler is None:
@@ -176,6 +170,12 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         train_loader = DeviceLoader(train_loader, accelerator.device)
     else:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # This process's batches per epoch, after `prepare` split them; Accelerate also steps at the end of the
+    # loader, so a last, shorter accumulation window is a step too.
+    steps_per_epoch = (
+        math.ceil(len(train_loader) / args.gradient_accumulation_steps) if sampler is not None else None
+    )
+    total_steps = run_length(args, steps_per_epoch)
     if args.torch_compile:
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
@@ -443,6 +443,7 @@ def train_one_epoch(run: Run, rows, train_loader, streaming: bool) -> None:
             if isinstance(train_loader, DeviceLoader)
             else accelerator.skip_first_batches(train_loader, done)
         )
+    micro_batch = 0  # within the accumulation window (a resume starts at a window's start)
     for batch in loader:
         if batch["bad_images"]:
             state.bad_images += len(batch["bad_images"])
@@ -454,14 +455,16 @@ def train_one_epoch(run: Run, rows, train_loader, streaming: bool) -> None:
         if not usable:
             continue
         usable_batches += 1
-        out, fault = run.step(batch["view1"], batch["view2"], state.global_step)
+        out, fault = run.step(batch["view1"], batch["view2"], state.global_step, micro_batch)
         if fault is not None:
             handle_fault(run, f"step {state.global_step + 1}: {fault}")
             continue
         run.consecutive_skips = 0
         run.images_seen += batch["view1"].shape[0] * accelerator.num_processes
         if not accelerator.sync_gradients:
+            micro_batch += 1
             continue
+        micro_batch = 0
         lr = run.scheduler.get_last_lr()[0]  # the rate this step used
         run.scheduler.step()
         state.global_step += 1
