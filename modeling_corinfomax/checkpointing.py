@@ -257,28 +257,36 @@ class CheckpointSaver:
         step's weights with that step's json (`remove_unfinished_writes` completes an interrupted swap)."""
         accelerator, project = self.accelerator, self.output_dir
         staging = project / (f".tmp-{BEST_MODEL}" if best else MODEL_STAGING)
-        try:
-            if accelerator.is_main_process:
+        # Only the main process touches the folder (the weights are the same on every process): another
+        # process's `save_pretrained` would create or remove the staging folder under its feet.
+        error = None
+        if accelerator.is_main_process:
+            try:
                 shutil.rmtree(staging, ignore_errors=True)
-            model.save_pretrained(str(staging), is_main_process=accelerator.is_main_process)
-            if accelerator.is_main_process and best is not None:
-                (staging / BEST_STATE).write_text(json.dumps(best))
-                if (project / BEST_MODEL).exists():
-                    os.replace(project / BEST_MODEL, project / f".old-{BEST_MODEL}")
-                os.replace(staging, project / BEST_MODEL)
-                shutil.rmtree(project / f".old-{BEST_MODEL}", ignore_errors=True)
-            elif accelerator.is_main_process:
-                for path in staging.iterdir():
-                    os.replace(path, project / path.name)
-                staging.rmdir()
-        except Exception as error:  # noqa: BLE001  (a full disk raises OSError, RuntimeError or SafetensorError)
-            shutil.rmtree(staging, ignore_errors=True)
+                model.save_pretrained(str(staging))
+                if best is not None:
+                    (staging / BEST_STATE).write_text(json.dumps(best))
+                    if (project / BEST_MODEL).exists():
+                        os.replace(project / BEST_MODEL, project / f".old-{BEST_MODEL}")
+                    os.replace(staging, project / BEST_MODEL)
+                    shutil.rmtree(project / f".old-{BEST_MODEL}", ignore_errors=True)
+                else:
+                    for path in staging.iterdir():
+                        os.replace(path, project / path.name)
+                    staging.rmdir()
+            except Exception as caught:  # noqa: BLE001  (a full disk raises OSError, RuntimeError or SafetensorError)
+                error = caught
+                shutil.rmtree(staging, ignore_errors=True)
+        if self._anywhere(error is not None):
+            what = (
+                f"{type(error).__name__}: {error}"
+                if error is not None
+                else "the main process failed to write it"
+            )
             raise SystemExit(
-                f"error: could not write the model to {project} ({type(error).__name__}: {error}). Free disk "
-                "space and run again with --resume_from_checkpoint latest (training resumes from the newest "
-                "checkpoint)."
-            ) from None
-        accelerator.wait_for_everyone()
+                f"error: could not write the model to {project} ({what}). Free disk space and run again with "
+                "--resume_from_checkpoint latest (training resumes from the newest checkpoint)."
+            )
 
 
 class RunLock:
