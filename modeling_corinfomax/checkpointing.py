@@ -28,6 +28,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from .training import all_processes_agree
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -35,6 +37,11 @@ TRAINER_STATE_NAME = "trainer_state.json"
 MODEL_STAGING = ".tmp-model"  # save_pretrained writes here, then the files are renamed into the output folder
 BEST_MODEL, BEST_STATE = "best", "best_model.json"  # --save_best_by: <output_dir>/best/best_model.json
 FAULT_REMEDY = "a lower --learning_rate, a larger --eps or fp32 (--mixed_precision no)"
+
+
+def _on_any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process (the same answer everywhere)."""
+    return not all_processes_agree(accelerator, not flag)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -178,7 +185,7 @@ class CheckpointSaver:
             accelerator.save_state(str(tmp))
         except Exception as caught:  # noqa: BLE001  (a full disk raises OSError, RuntimeError or SafetensorError)
             error = caught
-        failed = self._anywhere(error is not None)
+        failed = _on_any_process(self.accelerator, error is not None)
         if not failed and accelerator.is_main_process:
             try:
                 (tmp / TRAINER_STATE_NAME).write_text(json.dumps(state))
@@ -187,7 +194,7 @@ class CheckpointSaver:
                 os.replace(tmp, final)
             except OSError as caught:
                 error = caught
-        if failed or self._anywhere(error is not None):
+        if failed or _on_any_process(self.accelerator, error is not None):
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             free = shutil.disk_usage(root).free / 2**20
@@ -207,13 +214,6 @@ class CheckpointSaver:
                 remove_checkpoint(old)
         self.last_saved = final
         return final
-
-    def _anywhere(self, flag: bool) -> bool:
-        """Whether `flag` holds on any process (the same answer everywhere)."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        flags = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flags, reduction="sum").item() > 0)
 
     def save_or_stop(self, model, state: dict, fault: str | None = None, diverged: bool = False) -> Path:
         """Checkpoint the current step; on a numerical `fault`, or when the last update made the weights
@@ -277,7 +277,7 @@ class CheckpointSaver:
             except Exception as caught:  # noqa: BLE001  (a full disk raises OSError, RuntimeError or SafetensorError)
                 error = caught
                 shutil.rmtree(staging, ignore_errors=True)
-        if self._anywhere(error is not None):
+        if _on_any_process(self.accelerator, error is not None):
             what = (
                 f"{type(error).__name__}: {error}"
                 if error is not None
