@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from common import machine_info, median, user_launch
+from common import machine_info, median, pick_device, user_launch
 from PIL import Image
 from train_step import BaselineStep, case_setup
 
@@ -73,12 +73,15 @@ def ours(folder: Path, steps: int, out: Path) -> tuple[float, list[float], str]:
     return median(rates[1:]), rates, "; ".join(chosen)
 
 
-def official(steps: int, threads: int) -> tuple[float, list[float]]:
+def official(steps: int, threads: int, device: torch.device, amp: bool = False) -> tuple[float, list[float]]:
+    """The official step's images/s on views already on `device` (compute only; `loss.item()` in the step
+    synchronises a GPU, so wall-clock timing is exact)."""
     torch.set_num_threads(threads)
-    preset, config, batch, lr = case_setup("cifar-r18", 512, torch.device("cpu"))
-    step = BaselineStep(preset, torch.device("cpu"), lr)
-    views = [torch.randn(batch, 3, config.image_size, config.image_size) for _ in "12"]
-    step(*views)  # warm-up
+    preset, config, batch, lr = case_setup("cifar-r18", 512, device)
+    step = BaselineStep(preset, device, lr, amp=amp)
+    views = [torch.randn(batch, 3, config.image_size, config.image_size, device=device) for _ in "12"]
+    for _ in range(1 if device.type == "cpu" else 5):  # warm-up (cuDNN picks its kernels on a GPU)
+        step(*views)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -96,15 +99,22 @@ def main() -> None:
         help=f"train.py steps (the first {LOG_EVERY}, warm-up, are not counted)",
     )
     p.add_argument("--official_steps", type=int, default=5)
+    p.add_argument(
+        "--device",
+        help="where the official step runs (default: cuda when available, else cpu); train.py picks its own",
+    )
     p.add_argument("--output", default="bench/results/end_to_end.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_folder(Path(tmp) / "my_images", 1536)
         ours_rate, ours_rates, chosen = ours(folder, args.steps, Path(tmp) / "run")
     threads = len(os.sched_getaffinity(0))
-    official_rate, official_rates = official(args.official_steps, threads)
+    device = pick_device(args.device)
+    official_rate, official_rates = official(args.official_steps, threads, device)
+    # On a GPU the original code's usual run is its --amp path (fp16 autocast and a GradScaler).
+    amp_rate = official(args.official_steps, threads, device, amp=True)[0] if device.type == "cuda" else None
     report = {
-        "machine": machine_info(torch.device("cpu")),
+        "machine": machine_info(device),
         "load_average_1m": os.getloadavg()[0],
         "ours_images_per_second": ours_rate,
         "ours_per_record": ours_rates,
@@ -113,14 +123,21 @@ def main() -> None:
         "official_per_step": official_rates,
         "official_threads": threads,
         "ratio": ours_rate / official_rate,
+        "official_amp_fp16_images_per_second": amp_rate,
+        "ratio_to_amp": ours_rate / amp_rate if amp_rate else None,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     print(f"train.py chose: {chosen}")
     print("| path | images/s (batch 512) |\n|---|---|")
     print(f"| accelerate launch train.py --preset cifar10 --train_dir (end to end) | {ours_rate:.1f} |")
-    print(f"| official recipe's step (fp32, NCHW, {threads} threads, compute only) | {official_rate:.1f} |")
-    print(f"ratio: {report['ratio']:.2f}x")
+    where = f"{threads} threads" if device.type == "cpu" else str(device)
+    print(f"| official recipe's step (fp32, NCHW, {where}, compute only) | {official_rate:.1f} |")
+    if amp_rate:
+        print(f"| official recipe's step (--amp: fp16 autocast, {where}, compute only) | {amp_rate:.1f} |")
+    print(
+        f"ratio: {report['ratio']:.2f}x" + (f" (to --amp: {report['ratio_to_amp']:.2f}x)" if amp_rate else "")
+    )
 
 
 if __name__ == "__main__":
