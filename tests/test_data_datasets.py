@@ -170,3 +170,25 @@ def test_streaming_delivers_every_row_exactly_once_per_pass(streamed_rows, shard
             delivered[epoch] += [int(i) for batch in loader for i in batch["labels"]]
     for rows_of_pass in delivered:
         assert sorted(rows_of_pass) == list(range(203))
+
+
+def test_decoded_batches_are_the_same_wherever_they_are_cut(fashion_uint8):
+    # The draws stay on the host: a GPU copy of the cache (`crop_device`) cuts the same boxes.
+    augmentation = TwoViewAugmentation(ViewAugmentation(crop_scale=(0.2, 1.0)), ViewAugmentation(flip_p=0.5))
+    here = InMemoryTwoViewDataset(fashion_uint8, 24, augmentation, 3, crop_device="cpu").collate([1, 7, 2])
+    default = InMemoryTwoViewDataset(fashion_uint8, 24, augmentation, 3).collate([1, 7, 2])
+    assert torch.equal(here["view1"], default["view1"]) and torch.equal(here["view2"], default["view2"])
+
+
+def test_the_image_cache_is_cropped_on_the_gpu_when_a_copy_fits(monkeypatch):
+    from modeling_corinfomax.cli.train_data import GPU_CACHE_SHARE, crop_device
+
+    images = torch.zeros(100, 3, 32, 32, dtype=torch.uint8)  # 307,200 bytes
+    assert crop_device(images, torch.device("cpu")).type == "cpu"
+    gpu = torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (images.numel() / GPU_CACHE_SHARE, 10**12))
+    assert crop_device(images, gpu) == gpu
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device: (images.numel() / GPU_CACHE_SHARE - 1, 10**12)
+    )
+    assert crop_device(images, gpu).type == "cpu"  # a small GPU keeps its memory for training

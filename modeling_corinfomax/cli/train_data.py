@@ -64,7 +64,7 @@ def build_train_loader(args, accelerator, train, image_column: str, workers: int
         return rows, None, loader
     rows = None
     if len(train) >= args.total_batch_size:  # (checked below, before decoding anything)
-        rows = decoded_rows(args, train, image_column, workers)
+        rows = decoded_rows(args, train, image_column, workers, accelerator.device)
     if rows is None:
         rows = ImageViewDataset(train, augmentation=args.two_view_augmentation, seed=args.seed, **common)
     if len(rows) < args.total_batch_size:  # (the image cache leaves out unreadable images)
@@ -77,7 +77,7 @@ def build_train_loader(args, accelerator, train, image_column: str, workers: int
         loader_kwargs = {
             "collate_fn": rows.collate,
             "num_workers": 0,
-            "pin_memory": loader_kwargs["pin_memory"],
+            "pin_memory": loader_kwargs["pin_memory"] and rows.crop_source.device.type == "cpu",
         }
     loader = torch.utils.data.DataLoader(
         rows, batch_size=args.per_device_train_batch_size, sampler=sampler, drop_last=True, **loader_kwargs
@@ -255,7 +255,9 @@ def resolve_batch_sizes(args, accelerator, dataset_size: int | None) -> None:
     )
 
 
-def decoded_rows(args, train, image_column: str, workers: int) -> InMemoryTwoViewDataset | None:
+def decoded_rows(
+    args, train, image_column: str, workers: int, device: torch.device
+) -> InMemoryTwoViewDataset | None:
     """The training split decoded once (`--image_cache`), or None for per-image crops in workers."""
     if args.image_cache == "off" or args.streaming:
         if args.image_cache == "off":
@@ -272,7 +274,21 @@ def decoded_rows(args, train, image_column: str, workers: int) -> InMemoryTwoVie
             )
         logger.info("--image_cache: %s; decoding and cropping per image in %d worker(s)", message, workers)
         return None
-    logger.info("--image_cache: %s; crops are made a batch at a time", message)
+    device = crop_device(images, device)
+    logger.info("--image_cache: %s; crops are made a batch at a time on the %s", message, device.type.upper())
     if bad:
         logger.warning("skipped %d unreadable image(s), first: %s", len(bad), bad[0])
-    return InMemoryTwoViewDataset(images, args.image_size, args.two_view_augmentation, args.seed, bad)
+    return InMemoryTwoViewDataset(images, args.image_size, args.two_view_augmentation, args.seed, bad, device)
+
+
+GPU_CACHE_SHARE = 0.25  # of the GPU's free memory that a copy of the image cache may take
+
+
+def crop_device(images: torch.Tensor, device: torch.device) -> torch.device:
+    """Where the cached images are cropped: on the training GPU when a copy fits in a quarter of its free
+    memory (the host's crops would leave it waiting: 0.12 s per 512-image batch at 32 px on an H200's
+    host, 0.40x the original step), else on the host."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if images.numel() <= GPU_CACHE_SHARE * free else torch.device("cpu")

@@ -91,12 +91,13 @@ class TwoViewAugmentation:
         """Both views of a batch of same-size (B, 3, H, W) uint8 images, each image cropped to its own
         box: the crops and flips of `crop_views` (same distributions, to within 2/255 the same
         resampling), drawn for the whole batch from a generator seeded with `seed`, view 1's first."""
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # on the host wherever the images are
         n, (height, width) = len(images), images.shape[-2:]
         views = []
         for aug in (self.view1, self.view2):
             boxes = sample_crop_boxes(n, height, width, aug.crop_scale, CROP_RATIO, generator)
             flip = torch.rand(n, generator=generator) < aug.flip_p
+            boxes, flip = [b.to(images.device) for b in boxes], flip.to(images.device)
             views.append(batched_resized_crop(images, *boxes, flip, size))
         return views[0], views[1]
 

@@ -72,23 +72,24 @@ def _bicubic_aa(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     x = x.abs()
     near = ((a + 2) * x - (a + 3)) * x * x + 1
     far = (((x - 5) * x + 8) * x - 4) * a
-    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+    return torch.where(x < 1, near, far.masked_fill_(x >= 2, 0.0))
 
 
 def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
     """Per-sample matrices (B, out_size, in_size) that resample the window `[start, start + length)` of
     an axis of `in_size` pixels to `out_size` pixels, as `F.interpolate(mode="bicubic", antialias=True)`
-    does for the cropped window (the filter widens by the downscaling factor; each row sums to 1)."""
-    start, length = start.double(), length.double()
+    does for the cropped window (the filter widens by the downscaling factor; each row sums to 1).
+    float32 throughout: positions are small integers and halves, exact in float32."""
+    start, length = start.float(), length.float()
     scale = (length / out_size)[:, None, None]
-    support = 2.0 * scale.clamp(min=1.0)
-    center = scale * (torch.arange(out_size, dtype=torch.float64, device=start.device)[None, :, None] + 0.5)
-    first = (center - support + 0.5).floor().clamp(min=0.0)
-    end = torch.minimum((center + support + 0.5).floor(), length[:, None, None])
-    j = torch.arange(in_size, dtype=torch.float64, device=start.device)[None, None, :] - start[:, None, None]
-    window = (j >= first) & (j < end)
-    weights = _bicubic_aa((j - center + 0.5) / scale.clamp(min=1.0)) * window
-    return (weights / weights.sum(-1, keepdim=True)).float()
+    widen = scale.clamp(min=1.0)
+    center = scale * (torch.arange(out_size, dtype=torch.float32, device=start.device)[None, :, None] + 0.5)
+    first = (center - 2.0 * widen + 0.5).floor().clamp_(min=0.0)
+    end = torch.minimum((center + 2.0 * widen + 0.5).floor(), length[:, None, None])
+    j = torch.arange(in_size, dtype=torch.float32, device=start.device)[None, None, :] - start[:, None, None]
+    weights = _bicubic_aa((j - center + 0.5) / widen)
+    weights = weights.masked_fill_((j < first) | (j >= end), 0.0)
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def sample_crop_boxes(
