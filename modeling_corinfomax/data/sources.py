@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError, error_message
+
 # Package data (see pyproject.toml): the no-argument run works from an installed wheel, offline.
 BUNDLED_DATA_DIR = Path(__file__).resolve().parents[1] / "demo_data" / "fashion_mnist"
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo")
@@ -23,17 +25,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
 
 
-class DataError(ValueError):
-    """A dataset problem that is reported before (or instead of) a stack trace from a worker."""
-
-
 def data_error_message(error: DataError) -> str:
-    """The one-line message of a `DataError`, also of one raised in a DataLoader worker (which the
-    DataLoader re-raises as a new `DataError` whose message is the worker's whole traceback)."""
-    text = str(error).strip()
-    if "Traceback (most recent call last)" in text:
-        text = text.splitlines()[-1].split("DataError: ", 1)[-1]
-    return text
+    """The one-line message of a `DataError`, also of one raised in a DataLoader worker."""
+    return error_message(error)
 
 
 def load_image_dataset(
