@@ -6,6 +6,7 @@ Also `TrainStep`, our training step exactly as `train.py` runs it, so that `trai
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -28,7 +29,14 @@ from accelerate import Accelerator  # noqa: E402
 
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxForPreTraining  # noqa: E402
 from modeling_corinfomax.data import TwoViewAugmentation  # noqa: E402
-from modeling_corinfomax.training import PretrainingStep, make_optimizer, peak_learning_rate  # noqa: E402
+from modeling_corinfomax.training import (  # noqa: E402
+    TwoViews,
+    checked_forward,
+    make_optimizer,
+    peak_learning_rate,
+    undo_forward,
+)
+from modeling_corinfomax.wrappers import unwrap  # noqa: E402
 
 
 def user_launch(train_flags: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -178,8 +186,9 @@ def write_json(name: str, payload: dict, path: str | None = None) -> Path:
 
 
 class TrainStep:
-    """Our pretraining step as `train.py` runs it: `modeling_corinfomax.training.PretrainingStep` (the same
-    object train.py calls) on `CorInfoMaxForPreTraining` in channels_last, prepared by an `Accelerator`
+    """Our pretraining step as `train.py`'s `train_one_epoch` runs it, from the same pieces
+    (`modeling_corinfomax.training.TwoViews`, `checked_forward`, `undo_forward`, then backward, optimizer
+    step and `zero_grad`) on `CorInfoMaxForPreTraining` in channels_last, prepared by an `Accelerator`
     (which wraps the forward in bf16 autocast under `mixed_precision="bf16"`), with timm's optimizer.
 
     Only one `Accelerator` mixed-precision setting can exist per process, so `accelerator=None` builds
@@ -218,10 +227,10 @@ class TrainStep:
             model = model.to(device)
         self.model = torch.compile(model) if compile else model
         self.model.train()
-        self.step = PretrainingStep(
-            self.model, self.optimizer, augmentation, config.image_mean, config.image_std, device,
-            accelerator=accelerator, seed=seed, channels_last=channels_last,
-        )  # fmt: skip
+        self.two_views = TwoViews(
+            augmentation, config.image_mean, config.image_std, device, seed=seed, channels_last=channels_last
+        )
+        self.accelerator, self.statistics = accelerator, unwrap(self.model).batchnorm_statistics()
         self.device, self.step_count = device, 0
 
     @classmethod
@@ -244,12 +253,19 @@ class TrainStep:
 
     def views(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, 3, H, W) crops -> the two normalised float views on the device."""
-        return self.step.views(view1, view2, self.step_count)
+        return self.two_views.make(view1, view2, self.step_count)
 
     def update(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
         """Forward, fault check, backward, optimizer step on ready views. Returns the detached loss."""
-        out, fault = self.step.update(v1, v2)
+        saved = [buffer.clone() for buffer in self.statistics]
+        with self.accelerator.accumulate(self.model) if self.accelerator else contextlib.nullcontext():
+            out, fault = checked_forward(self.model, v1, v2)
+            if fault is None:
+                self.accelerator.backward(out.loss) if self.accelerator else out.loss.backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
         if fault is not None:
+            undo_forward(self.optimizer, self.statistics, saved)
             raise FloatingPointError(f"step {self.step_count + 1}: {fault}")
         self.step_count += 1
         return out.loss.detach()

@@ -4,15 +4,16 @@
 - `make_optimizer`, `peak_learning_rate`, `make_lr_lambda`, `planned_steps`: the recipe's optimisation.
 - `TimeBudget`: fits the number of steps to `--time_budget_minutes` once the step time is measured;
   `seconds_per_step` times an update before training (the budget's resolution rule).
-- `PretrainingStep`: one update (two views augmented on the device, forward, fault check, backward,
-  optimizer step) exactly as train.py runs it; the benchmarks time this same object.
+- `TwoViews`, `checked_forward`, `undo_forward`: the pieces of one update (views augmented on the device,
+  the forward with its fault check, and the undoing of a faulty one); train.py's `train_one_epoch` and the
+  benchmarks' step put them together with backward and the optimizer step.
+- `Schedule`: the run's length and its warm-up + cosine learning rate, refitted by a time budget.
 - `StopSignal`, `all_processes_agree`, `kill_daemon_processes`: stopping cleanly on every process.
 - `DeviceLoader`: moves a stream's batches to the device (the loader Accelerate does not prepare).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -221,42 +222,25 @@ def seconds_per_step(
     return float(accelerator.gather(measured).max().item())
 
 
-class PretrainingStep:
-    """One CorInfoMax update, as train.py runs it and bench/ times it.
+class TwoViews:
+    """The two views of a batch, made on the training device from its uint8 crops: colour jitter,
+    grayscale, blur, solarisation and normalisation (`BatchViewAugment`), in `channels_last` or not.
 
-    The uint8 crops of a batch become the two views on the device (`BatchViewAugment`, drawn from a
-    generator seeded by `(seed, step, process_index)`, so a resumed run sees the same views); the
-    model's forward gives the loss; a numerical fault (non-finite loss, or the loss's own
-    `CorInfoMaxNumericalError`) leaves the weights, gradients and BatchNorm statistics as they were and is
-    returned for the caller to skip or stop on; otherwise backward, optimizer step, `zero_grad`.
-
-    Args:
-        model: `CorInfoMaxForPreTraining`, prepared by `accelerator` when one is given (its
-            `accumulate` then wraps the update, and `accelerator.backward` applies the loss scaling).
-        optimizer: the (prepared) optimizer.
-        augmentation: the two views' settings.
-        image_mean, image_std: the normalisation of `pixel_values`.
-        device: where the views are made.
-        seed, process_index: the per-step generator's seed parts.
-        channels_last: the views' memory format.
+    The draws come from a generator seeded by `(seed, step, process_index, micro_batch)`, so a resumed run
+    sees the same views; with gradient accumulation each micro-batch of a window draws its own, and the
+    first draws what a run without accumulation draws.
     """
 
     def __init__(
         self,
-        model,
-        optimizer,
         augmentation: TwoViewAugmentation,
         image_mean,
         image_std,
         device: torch.device,
-        accelerator=None,
         seed: int = 0,
         process_index: int = 0,
         channels_last: bool = True,
     ):
-        self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
-        unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-        self.running_stats = getattr(unwrapped, "_orig_mod", unwrapped).batchnorm_statistics()
         self.augment = [
             BatchViewAugment(v, image_mean, image_std).to(device)
             for v in (augmentation.view1, augmentation.view2)
@@ -265,12 +249,10 @@ class PretrainingStep:
         self.generator = torch.Generator(device=device)
         self.seed, self.process_index = seed, process_index
 
-    def views(
+    def make(
         self, view1: torch.Tensor, view2: torch.Tensor, step: int, micro_batch: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) crops -> the two normalised float views of optimisation step `step`; with
-        gradient accumulation, of its `micro_batch`-th micro-batch (each draws its own colours, blur and
-        solarisation; the first draws what a run without accumulation draws)."""
+        """uint8 (B, 3, H, W) crops -> the two normalised float views of optimisation step `step`."""
         key = (self.seed, step, self.process_index) + ((micro_batch,) if micro_batch else ())
         self.generator.manual_seed(hash(key) & 0x7FFFFFFF)
         return (
@@ -278,39 +260,45 @@ class PretrainingStep:
             self.augment[1](view2, self.generator, self.memory_format),
         )
 
-    def update(self, v1: torch.Tensor, v2: torch.Tensor):
-        """Forward and, unless it faults, backward and optimizer step. Returns `(output, fault)`: the model
-        output (None when the loss raised) and None, or the fault's message with nothing updated."""
-        stats_before = [b.clone() for b in self.running_stats]  # a faulty forward has updated them
-        with (
-            self.accelerator.accumulate(self.model)
-            if self.accelerator is not None
-            else contextlib.nullcontext()
-        ):
-            try:
-                out = self.model(pixel_values=v1, pixel_values_2=v2)
-            except CorInfoMaxNumericalError as error:
-                out, fault = None, str(error)
-            else:
-                fault = (
-                    None if torch.isfinite(out.loss) else (out.error or f"non-finite loss {out.loss.item()}")
-                )
-            if fault is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                for buffer, before in zip(self.running_stats, stats_before, strict=True):
-                    buffer.copy_(before)
-                return out, fault
-            if self.accelerator is not None:
-                self.accelerator.backward(out.loss)
-            else:
-                out.loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return out, None
 
-    def __call__(self, view1: torch.Tensor, view2: torch.Tensor, step: int, micro_batch: int = 0):
-        """One update from uint8 crops (augmentation on the device included): `(output, fault)`."""
-        return self.update(*self.views(view1, view2, step, micro_batch))
+def checked_forward(model, view1: torch.Tensor, view2: torch.Tensor):
+    """The pretraining forward: `(output, None)`, or `(output or None, message)` after a numerical fault
+    (the loss raised `CorInfoMaxNumericalError`, or it is not finite). A faulty forward has already
+    updated the BatchNorm statistics: `undo_forward` restores them."""
+    try:
+        out = model(pixel_values=view1, pixel_values_2=view2)
+    except CorInfoMaxNumericalError as error:
+        return None, str(error)
+    if torch.isfinite(out.loss):
+        return out, None
+    return out, out.error or f"non-finite loss {out.loss.item()}"
+
+
+def undo_forward(optimizer, statistics: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """After a faulty forward: drop the gradients (of the whole accumulation window) and put back the
+    BatchNorm statistics saved before it, so that the step changed nothing."""
+    optimizer.zero_grad(set_to_none=True)
+    for buffer, before in zip(statistics, saved, strict=True):
+        buffer.copy_(before)
+
+
+class Schedule:
+    """The run's length in optimisation steps and its learning rate: a linear warm-up over
+    `warmup_epochs`, then a cosine to `min_lr` at the last step (`LambdaLR` on the optimizer). A time
+    budget refits it (`fit`) once the step time is known."""
+
+    def __init__(self, optimizer, peak_lr: float, steps_per_epoch: int, warmup_epochs: float, start_lr, min_lr):
+        self.optimizer, self.peak_lr, self.steps_per_epoch = optimizer, peak_lr, steps_per_epoch
+        self.warmup_epochs, self.start_lr, self.min_lr = warmup_epochs, start_lr, min_lr
+        self.total_steps, self.scheduler = 0, None
+
+    def fit(self, total_steps: int, done_steps: int) -> Schedule:
+        """A schedule of `total_steps`, at step `done_steps`."""
+        warmup = int(round(self.warmup_epochs * self.steps_per_epoch))
+        factor = make_lr_lambda(warmup, total_steps, self.peak_lr, self.start_lr, self.min_lr)
+        self.total_steps = total_steps
+        self.scheduler = make_scheduler(self.optimizer, factor, done_steps, self.peak_lr)
+        return self
 
 
 class StopSignal:

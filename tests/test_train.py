@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -218,15 +219,29 @@ def test_config_file_is_read_and_unknown_keys_refused(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_follows_a_cosine():
+    from modeling_corinfomax.training import Schedule  # noqa: PLC0415
+
     args = train.parse_args(["--warmup_epochs", "2", "--warmup_start_lr", "0.01", "--min_lr", "0.001"])
-    factor = train.schedule(args, steps_per_epoch=10, total_steps=100, peak_lr=1.0)
-    assert factor(0) == pytest.approx(0.01)
-    assert factor(10) == pytest.approx(0.505)
-    assert factor(20) == pytest.approx(1.0)
-    assert factor(20 + 79 / 2) == pytest.approx(0.001 + 0.5 * 0.999)  # half-way from warm-up to the last step
-    assert factor(99) == pytest.approx(0.001)  # the last of the 100 steps runs at --min_lr
-    short = train.schedule(args, steps_per_epoch=10, total_steps=10, peak_lr=1.0)
-    assert short(5) == pytest.approx(1.0) and short(9) == pytest.approx(0.001)  # warm-up: half a short run
+
+    def rates(total_steps: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        schedule = Schedule(optimizer, 1.0, 10, args.warmup_epochs, args.warmup_start_lr, args.min_lr)
+        schedule.fit(total_steps, done_steps=0)
+        lrs = []
+        for _ in range(total_steps):
+            lrs.append(schedule.scheduler.get_last_lr()[0])
+            optimizer.step()
+            schedule.scheduler.step()
+        return lrs
+
+    lr = rates(100)
+    assert lr[0] == pytest.approx(0.01)
+    assert lr[10] == pytest.approx(0.505)
+    assert lr[20] == pytest.approx(1.0)
+    assert lr[59] == pytest.approx(0.001 + 0.5 * 0.999 * (1 + math.cos(math.pi * 39 / 79)))
+    assert lr[99] == pytest.approx(0.001)  # the last of the 100 steps runs at --min_lr
+    short = rates(10)
+    assert short[5] == pytest.approx(1.0) and short[9] == pytest.approx(0.001)  # warm-up: half a short run
 
 
 # --------------------------------------------------------------------------------------------------- runs
@@ -412,9 +427,7 @@ def test_two_processes_see_different_data_share_the_global_loss_and_stay_identic
     assert int(AutoModelForPreTraining.from_pretrained(run).loss_fn.num_updates) == 2
 
 
-def test_gradient_accumulation_counts_the_last_short_window_and_draws_views_per_micro_batch(
-    tmp_path, tiny_config
-):
+def test_gradient_accumulation_counts_the_last_short_window_and_draws_views_per_micro_batch(tmp_path):
     # 40 images in micro-batches of 4 (global batch 16 = 4 x 4 accumulation): 10 batches per epoch, and
     # Accelerate steps after batches 4, 8 and 10 (the end of the loader). One epoch is 3 steps, not 2.
     flags = [*SMALL, "--backbone", "test_resnet", "--max_train_samples", "40", "--total_batch_size", "16",
@@ -424,13 +437,11 @@ def test_gradient_accumulation_counts_the_last_short_window_and_draws_views_per_
     assert results["global_step"] == 3
     assert [r["step"] for r in json.loads((tmp_path / "training_log.json").read_text())] == [1, 2, 3]
 
-    from modeling_corinfomax import CorInfoMaxForPreTraining  # noqa: PLC0415
     from modeling_corinfomax.data import TwoViewAugmentation  # noqa: PLC0415
-    from modeling_corinfomax.training import PretrainingStep  # noqa: PLC0415
+    from modeling_corinfomax.training import TwoViews  # noqa: PLC0415
 
-    model = CorInfoMaxForPreTraining(tiny_config)
-    step = PretrainingStep(model, None, TwoViewAugmentation(), [0.5] * 3, [0.25] * 3, torch.device("cpu"))
+    views = TwoViews(TwoViewAugmentation(), [0.5] * 3, [0.25] * 3, torch.device("cpu"))
     crops = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    drawn = {micro: step.views(crops, crops, step=5, micro_batch=micro)[1] for micro in (0, 1, 2)}
+    drawn = {micro: views.make(crops, crops, step=5, micro_batch=micro)[1] for micro in (0, 1, 2)}
     assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])  # its own draws
-    assert torch.equal(drawn[1], step.views(crops, crops, step=5, micro_batch=1)[1])  # seeded: resumable
+    assert torch.equal(drawn[1], views.make(crops, crops, step=5, micro_batch=1)[1])  # seeded: resumable

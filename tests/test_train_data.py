@@ -16,6 +16,7 @@ from PIL import Image
 
 from modeling_corinfomax.cli import train
 from modeling_corinfomax.data import ExampleCollator, ImageViewDataset, InMemoryEvalDataset
+from modeling_corinfomax.run_evaluation import EvalData, eval_split
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +72,11 @@ def test_evaluation_splits_are_cached_on_first_use_unless_the_cache_is_off(fashi
     loader_kwargs = {"num_workers": 0, "collate_fn": ExampleCollator(), "pin_memory": False}
     for cache, kind in (("auto", InMemoryEvalDataset), ("off", ImageViewDataset)):
         args = train.parse_args(["--image_cache", cache])
-        eval_rows = {"test": ImageViewDataset(dataset, "image", None, 28, mode="eval", labels=[0] * 8)}
-        assert isinstance(train.eval_split(eval_rows, "test", args, loader_kwargs), kind)
-        assert isinstance(eval_rows["test"], kind)
+        eval_data = EvalData(
+            {"test": ImageViewDataset(dataset, "image", None, 28, mode="eval", labels=[0] * 8)}, loader_kwargs
+        )
+        assert isinstance(eval_split(eval_data, "test", args), kind)
+        assert isinstance(eval_data.rows["test"], kind)
 
 
 @pytest.mark.parametrize(
