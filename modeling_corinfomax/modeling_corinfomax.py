@@ -347,6 +347,23 @@ class CorInfoMaxForPreTraining(CorInfoMaxPreTrainedModel):
         are updated only by a successful step."""
         return [buffer for name, buffer in self.named_buffers() if not name.startswith("loss_fn.")]
 
+    @property
+    def numerical_faults(self) -> str:
+        """What a numerical fault of the loss does: "raise" (`CorInfoMaxNumericalError`, the default) or
+        "report" (a NaN loss with `error` set in the output, the state untouched), for a loop that skips."""
+        return self.loss_fn.on_error
+
+    @numerical_faults.setter
+    def numerical_faults(self, policy: str) -> None:
+        if policy not in ("raise", "report"):
+            raise ValueError(f"numerical_faults={policy!r}: use 'raise' or 'report'.")
+        self.loss_fn.on_error = policy
+
+    @property
+    def covariance_estimates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss's running covariance estimates of the two views' projections, (D, D) float64 each."""
+        return self.loss_fn.R1, self.loss_fn.R2
+
     def forward(
         self,
         pixel_values: torch.Tensor,
