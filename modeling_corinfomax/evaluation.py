@@ -8,7 +8,6 @@
   step schedule, `linear_eval_scheduler`; head `linear_head`).
 - `class_balanced_subset`: the fixed, seeded label subsets of the semi-supervised protocol.
 - `update_eval_results`: the `eval_results.json` that eval.py, finetune.py and the model cards share.
-- `load_evaluation_splits`, `labelled_rows`: the labelled train/evaluation splits every command uses.
 - `evaluate_frozen`, `random_init_encoder`, `raw_pixel_features`: train.py's report (kNN + linear probe)
   of an encoder and of its two baselines.
 """
@@ -16,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -30,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .wrappers import unwrap
+
 EVAL_RESULTS_NAME = "eval_results.json"
 # The name results on the bundled demo data carry, so that train.py's and eval.py's merge into one file.
 BUNDLED_DATASET_NAME = "bundled fashion-mnist subset"
@@ -38,12 +38,9 @@ BUNDLED_DATASET_NAME = "bundled fashion-mnist subset"
 KNN_K, KNN_TEMPERATURE = 20, 0.07
 
 
-def _unwrap(model: nn.Module, accelerator=None) -> nn.Module:
-    """The bare module under DDP/compile wrappers, then its `CorInfoMaxModel` if it is a task head."""
-    model = accelerator.unwrap_model(model) if accelerator is not None else model
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
-    model = getattr(model, "_orig_mod", model)  # torch.compile
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under the training wrappers, then its `CorInfoMaxModel` if it is a task head."""
+    model = unwrap(model)
     return getattr(model, "corinfomax", model)
 
 
@@ -88,7 +85,7 @@ def extract_features(
         dataloader order. Every process gets the full tensors. The model's train/eval flags are
         restored afterwards.
     """
-    encoder = _unwrap(model, accelerator)
+    encoder = _unwrap(model)
     if use_projector and getattr(encoder, "projector", None) is None:
         raise ValueError(
             f"use_projector=True but {type(encoder).__name__} has no projector (a classification checkpoint "
@@ -480,7 +477,7 @@ def linear_eval(
     """
     from .data.datasets import set_epoch  # noqa: PLC0415
 
-    encoder = _unwrap(model, accelerator)
+    encoder = _unwrap(model)
     device = accelerator.device if accelerator is not None else next(encoder.parameters()).device
     autocast = accelerator.autocast if accelerator is not None else nullcontext
     show = progress_bar and (accelerator is None or accelerator.is_local_main_process)
@@ -588,98 +585,7 @@ def update_eval_results(output_dir: str | Path, results: Mapping[str, Any]) -> d
     return merged
 
 
-# --------------------------------------------------------------------------- labelled splits and baselines
-
-
-def load_evaluation_splits(
-    dataset_name: str | None,
-    dataset_config_name: str | None,
-    train_dir: str | None,
-    train_split: str,
-    validation_split: str | None = None,
-    validation_dir: str | None = None,
-    cache_dir: str | None = None,
-):
-    """The training split, the evaluation split and the evaluation split's name.
-
-    The evaluation split is `validation_dir` (a plain image folder, which loads as a "train" split), else
-    `validation_split` of the same source, else its 'validation' or 'test' split, whichever exists.
-    """
-    from .data import DataError, load_image_dataset  # noqa: PLC0415
-
-    def load(split: str, folder: str | None):
-        return load_image_dataset(dataset_name, dataset_config_name, folder, split, cache_dir=cache_dir)
-
-    train = load(train_split, train_dir)
-    if validation_dir:
-        split = validation_split or "train"
-        return train, load(split, validation_dir), split
-    if validation_split:
-        return train, load(validation_split, train_dir), validation_split
-    for split in ("validation", "test"):
-        try:
-            return train, load(split, train_dir), split
-        except DataError:
-            pass
-    raise DataError("no 'validation' or 'test' split found: pass --validation_split or --validation_dir.")
-
-
-def load_labelled_splits(
-    dataset_name: str | None,
-    dataset_config_name: str | None,
-    train_dir: str | None,
-    train_split: str,
-    validation_split: str | None,
-    validation_dir: str | None,
-    cache_dir: str | None,
-    image_column: str | None,
-    label_column: str | None,
-):
-    """`load_evaluation_splits` with both splits' image and label columns resolved (the training split's,
-    checked on the evaluation split) and the class names: `(train, validation, validation_split,
-    image_column, label_column, names)`, the one resolver of eval.py and finetune.py. Raises `DataError`."""
-    from .data import class_names, resolve_columns  # noqa: PLC0415
-
-    train, validation, validation_split = load_evaluation_splits(
-        dataset_name, dataset_config_name, train_dir, train_split, validation_split, validation_dir, cache_dir
-    )
-    image_column, label_column = resolve_columns(train, image_column, label_column, need_label=True)
-    resolve_columns(validation, image_column, label_column, need_label=True)
-    return train, validation, validation_split, image_column, label_column, class_names(train, label_column)
-
-
-def labelled_rows(
-    dataset,
-    split: str,
-    label_column: str,
-    names: list[str] | None,
-    max_samples: int | None = None,
-    seed: int = 0,
-):
-    """The labelled rows of a split: `(dataset, labels, rows)`, the split without its unlabelled images (a
-    seeded random subset of `max_samples` of them), their class indices and their row numbers in the split.
-
-    Raises `DataError` when no image of the split has a label."""
-    from .data import DataError, class_indices  # noqa: PLC0415
-
-    labels = class_indices(dataset, label_column, names, split)
-    keep = [i for i, label in enumerate(labels) if label >= 0]
-    if not keep:
-        raise DataError(
-            f"the {split!r} split has no labelled image: pass a labelled split or --label_column."
-        )
-    if len(keep) < len(labels):
-        logging.getLogger(__name__).warning(
-            "%d images of the %r split have no label; the evaluation leaves them out",
-            len(labels) - len(keep),
-            split,
-        )
-    if max_samples is not None and max_samples < len(keep):
-        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:max_samples]
-        keep = sorted(keep[i] for i in order.tolist())
-    if len(keep) < len(labels):
-        dataset = dataset.select(keep)
-    return dataset, [labels[i] for i in keep], keep
+# ----------------------------------------------------------------------------------- train.py's baselines
 
 
 # What train.py's report (`evaluate_frozen`) records as its protocols in eval_results.json.
@@ -756,8 +662,6 @@ __all__ = [
     "KNN_K",
     "KNN_TEMPERATURE",
     "evaluate_frozen",
-    "labelled_rows",
-    "load_evaluation_splits",
     "random_init_encoder",
     "raw_pixel_features",
     "LINEAR_EVAL_SCHEDULES",

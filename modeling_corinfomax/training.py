@@ -287,7 +287,9 @@ class Schedule:
     `warmup_epochs`, then a cosine to `min_lr` at the last step (`LambdaLR` on the optimizer). A time
     budget refits it (`fit`) once the step time is known."""
 
-    def __init__(self, optimizer, peak_lr: float, steps_per_epoch: int, warmup_epochs: float, start_lr, min_lr):
+    def __init__(
+        self, optimizer, peak_lr: float, steps_per_epoch: int, warmup_epochs: float, start_lr, min_lr
+    ):
         self.optimizer, self.peak_lr, self.steps_per_epoch = optimizer, peak_lr, steps_per_epoch
         self.warmup_epochs, self.start_lr, self.min_lr = warmup_epochs, start_lr, min_lr
         self.total_steps, self.scheduler = 0, None

@@ -55,6 +55,8 @@ from modeling_corinfomax.data import (
     TwoViewAugmentation,
     ViewAugmentation,
     data_error_message,
+    labelled_rows,
+    load_labelled_splits,
 )
 from modeling_corinfomax.evaluation import (
     BUNDLED_DATASET_NAME,
@@ -63,10 +65,8 @@ from modeling_corinfomax.evaluation import (
     check_eval_results,
     extract_features,
     knn_accuracy,
-    labelled_rows,
     linear_eval,
     linear_probe,
-    load_labelled_splits,
     update_eval_results,
 )
 from modeling_corinfomax.presets import LINEAR_EVAL_PRESETS, PRESETS

@@ -44,14 +44,14 @@ import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax.data import (
     DataError,
     data_error_message,
+    labelled_rows,
+    load_labelled_splits,
     to_rgb,
 )
 from modeling_corinfomax.evaluation import (
     BUNDLED_DATASET_NAME,
     check_eval_results,
     class_balanced_subset,
-    labelled_rows,
-    load_labelled_splits,
     update_eval_results,
 )
 

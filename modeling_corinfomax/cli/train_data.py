@@ -23,12 +23,12 @@ from modeling_corinfomax.data import (
     choose_resolution,
     class_names,
     decode_split,
+    labelled_rows,
     load_image_dataset,
     min_resolution,
     resolve_columns,
     split_stream,
 )
-from modeling_corinfomax.evaluation import labelled_rows
 from modeling_corinfomax.modeling_corinfomax import CorInfoMaxForPreTraining
 from modeling_corinfomax.training import StopSignal, kill_daemon_processes, seconds_per_step
 

@@ -1,7 +1,8 @@
 """Data for CorInfoMax, one module per pipeline stage: `datasets` loading and columns (`sources`),
 decoding to RGB (`decoding`), crop geometry (`geometry`), the training resolution from the images' sizes
 (`resolution`), colour operations (`colour`), the paper's
-two-view augmentation (`augmentation`) and the PyTorch datasets, collator and sampler (`datasets`).
+two-view augmentation (`augmentation`), the PyTorch datasets, collator and sampler (`datasets`) and
+the labelled splits the evaluations use (`splits`).
 
 The pipeline is split so that the expensive part runs batched:
 - decode and crop: either per image in DataLoader workers (decode, convert to RGB, random-resized-crop +
@@ -67,8 +68,12 @@ from .sources import (
     resolve_columns,
     undecoded_columns,
 )
+from .splits import labelled_rows, load_evaluation_splits, load_labelled_splits
 
 __all__ = [
+    "labelled_rows",
+    "load_evaluation_splits",
+    "load_labelled_splits",
     "BUNDLED_DATA_DIR",
     "CROP_RATIO",
     "BatchViewAugment",
