@@ -608,34 +608,22 @@ def evaluate_frozen(train: tuple, test: tuple, num_classes: int) -> dict[str, fl
     return {"knn_top1": knn["top1"], "linear_top1": linear["top1"]}
 
 
-def zero_init_last_off(config) -> dict:
-    """timm zero-initialises the last BN of each residual block; untrained, every image then maps to
-    nearly the same vector. The random-init baseline turns it off where the architecture has it."""
-    import inspect  # noqa: PLC0415
-
-    import timm  # noqa: PLC0415
-
-    model_cls = type(
-        timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
-    )
-    return (
-        {"zero_init_last": False}
-        if "zero_init_last" in inspect.signature(model_cls.__init__).parameters
-        else {}
-    )
-
-
 def random_init_encoder(config, seed: int = 0) -> nn.Module:
-    """The fair untrained baseline of `config`'s encoder: the same architecture, seeded, without timm's
-    zero-init of the last BatchNorm of each residual block, and without a projector."""
+    """The fair untrained baseline of `config`'s encoder: the same architecture, seeded, without a
+    projector and without timm's zero-init of the last BatchNorm of each residual block (with it,
+    untrained, every image maps to nearly the same vector), where the architecture has that option."""
     from .configuration_corinfomax import CorInfoMaxConfig  # noqa: PLC0415
     from .modeling_corinfomax import CorInfoMaxModel  # noqa: PLC0415
 
-    kwargs = {**config.backbone_kwargs, **zero_init_last_off(config)}
-    torch.manual_seed(seed)
-    return CorInfoMaxModel(
-        CorInfoMaxConfig(**{**config.to_dict(), "backbone_kwargs": kwargs}), add_projector=False
-    )
+    def build(kwargs: dict) -> nn.Module:
+        torch.manual_seed(seed)
+        encoder_config = CorInfoMaxConfig(**{**config.to_dict(), "backbone_kwargs": kwargs})
+        return CorInfoMaxModel(encoder_config, add_projector=False)
+
+    try:
+        return build({**config.backbone_kwargs, "zero_init_last": False})
+    except TypeError:  # the architecture has no such option (no timm model builds to read it from)
+        return build(dict(config.backbone_kwargs))
 
 
 def raw_pixel_features(

@@ -3,8 +3,10 @@ embeddings, and `CollapseMonitor`, which turns their history into warnings that 
 
 - `spectrum_summary(R)`: effective rank (Roy & Vetterli, 2007: exp of the entropy of the normalised
   eigenvalues), smallest and largest eigenvalue of a covariance such as the loss's `R1` / `R2`.
-- `rankme(embeddings)`: RankMe (Garrido et al., ICML 2023), exp of the entropy of the normalised singular
-  values of an (N, D) embedding matrix (plus their epsilon, 1e-7); at most min(N, D).
+- `projection_spectrum(model, images)`: eigenvalues of the projections' covariance on fixed images.
+- RankMe (Garrido et al., ICML 2023: exp of the entropy of the normalised singular values of an (N, D)
+  embedding matrix, plus their epsilon, 1e-7; at most min(N, D)) is `loss.rankme`; `run_evaluation`
+  measures it on fixed training images at each logging step.
 - `CollapseMonitor`: fed these numbers and the loss's two terms at every logging step; warns once per
   episode of dimensional collapse (the effective rank falls fast, or stays low) or complete collapse (the
   invariance term vanishes while the log-det term explodes).

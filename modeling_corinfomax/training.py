@@ -355,7 +355,10 @@ class DeviceLoader:
         self.loader, self.device, self.skip = loader, device, skip
 
     def set_epoch(self, epoch: int) -> None:
-        pass  # the stream's own `set_epoch` reshuffles it
+        """The stream's epoch: its shuffle and its views follow it (as a prepared loader sets its sampler's)."""
+        set_epoch = getattr(self.loader.dataset, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
 
     def skip_first(self, batches: int) -> DeviceLoader:
         """The same stream without its first `batches` batches (read and dropped: a stream cannot seek)."""
