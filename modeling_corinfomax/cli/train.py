@@ -105,18 +105,8 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     eval_data = EvalData(eval_rows, loader_kwargs) if eval_rows is not None else None
 
     # Model, optimizer, prepare
-    model = build_model(args, accelerator)
     peak_lr = peak_learning_rate(args.learning_rate, args.total_batch_size, args.lr_reference_batch_size)
-    optimizer = make_optimizer(
-        model, args.optimizer, peak_lr, args.momentum, args.weight_decay, args.exclude_bias_and_norm_from_wd
-    )
-    if streaming:  # a stream is already split per process (`split_stream`): Accelerate would split it again
-        model, optimizer = accelerator.prepare(model, optimizer)
-        train_loader = DeviceLoader(train_loader, accelerator.device)
-    else:
-        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if args.torch_compile:
-        model = torch.compile(model)
+    model, optimizer, train_loader = build_and_prepare(args, accelerator, train_loader, streaming, peak_lr)
     unwrapped = unwrap(model)
 
     # Resume, then plan the run (a budget fits its length once the step time is measured)
@@ -140,26 +130,11 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
     model.train()
     while state.global_step < schedule.total_steps and stopping.stopped_by is None:
         train_one_epoch(
-            args,
-            accelerator,
-            model,
-            optimizer,
-            schedule,
-            views,
-            train_loader,
-            rows,
-            state,
-            saver,
-            log,
-            stopping,
-        )
+            args, accelerator, model, optimizer, schedule, views, train_loader, rows, state, saver, log, stopping
+        )  # fmt: skip
     log.progress.close()
     if stopping.stopped_by is not None:
-        path = saver.last_saved
-        if path is None or path.name != f"step_{state.global_step}":  # not just written
-            path = saver.save_or_stop(unwrapped, state.to_dict())
-        logger.info("received %s: saved %s; resume with --resume_from_checkpoint latest",
-                    signal.Signals(stopping.stopped_by).name, path)  # fmt: skip
+        save_interrupted(saver, unwrapped, state, stopping.stopped_by)
         return finish(accelerator, lock, None)
 
     # Save, evaluate, push
@@ -169,11 +144,42 @@ def pretrain(argv: list[str] | None = None) -> dict | None:
         unwrapped, state, args, accelerator, eval_data, time.time() - started, spectrum_batch
     )
     if args.push_to_hub and accelerator.is_main_process:
-        from modeling_corinfomax.export import publish  # noqa: PLC0415
-
-        token = args.hub_token or os.environ.get("HF_TOKEN")
-        publish(project, repo_id=args.hub_model_id, token=token, private=args.hub_private_repo)
+        push(args, project)
     return finish(accelerator, lock, results)
+
+
+def build_and_prepare(args, accelerator, train_loader, streaming: bool, peak_lr: float):
+    """The model and the optimizer of the flags, prepared by Accelerate with the training loader, and
+    compiled with `--torch_compile`."""
+    model = build_model(args, accelerator)
+    optimizer = make_optimizer(
+        model, args.optimizer, peak_lr, args.momentum, args.weight_decay, args.exclude_bias_and_norm_from_wd
+    )
+    if streaming:  # a stream is already split per process (`split_stream`): Accelerate would split it again
+        model, optimizer = accelerator.prepare(model, optimizer)
+        train_loader = DeviceLoader(train_loader, accelerator.device)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if args.torch_compile:
+        model = torch.compile(model)
+    return model, optimizer, train_loader
+
+
+def save_interrupted(saver: CheckpointSaver, model, state: TrainerState, signum: int) -> None:
+    """After a stop signal: the checkpoint of the last completed step, unless it was just written."""
+    path = saver.last_saved
+    if path is None or path.name != f"step_{state.global_step}":
+        path = saver.save_or_stop(model, state.to_dict())
+    logger.info("received %s: saved %s; resume with --resume_from_checkpoint latest",
+                signal.Signals(signum).name, path)  # fmt: skip
+
+
+def push(args, project: Path) -> None:
+    """`--push_to_hub`: the saved folder, its card and the timm-format export, to `--hub_model_id`."""
+    from modeling_corinfomax.export import publish  # noqa: PLC0415
+
+    token = args.hub_token or os.environ.get("HF_TOKEN")
+    publish(project, repo_id=args.hub_model_id, token=token, private=args.hub_private_repo)
 
 
 def finish(accelerator: Accelerator, lock: RunLock | None, results: dict | None) -> dict | None:
