@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .loss import covariance_eigenvalues, effective_rank, rankme
+from .wrappers import corinfomax_encoder
 
 R_INIT_NEGLIGIBLE = (
     1e-3  # the effective rank is read once R_init weighs less than this in the running covariance
@@ -248,7 +249,7 @@ def projection_spectrum(model, pixel_values: torch.Tensor) -> torch.Tensor:
     was_training = model.training
     model.eval()
     x = pixel_values.to(next(model.parameters()).device)
-    z = torch.nn.functional.normalize(model.corinfomax(x).projections.double(), dim=1)
+    z = torch.nn.functional.normalize(corinfomax_encoder(model)(x).projections.double(), dim=1)
     z = z - z.mean(0)
     eigenvalues = covariance_eigenvalues(z.T @ z / z.shape[0]).cpu()
     model.train(was_training)
