@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+import types
 
 import datasets
 import numpy as np
 import pytest
+import torch
 from helpers import run_train
 from PIL import Image
 
 from modeling_corinfomax.cli import train
+from modeling_corinfomax.cli.train_args import set_image_size
 from modeling_corinfomax.data import DataError, choose_resolution, load_image_dataset, resolution_for
 
 
@@ -155,3 +158,46 @@ def test_train_py_with_a_budget_on_photos_lowers_the_resolution_and_a_resumed_ru
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"image size {chosen} px, as the interrupted run chose" in resumed.stdout + resumed.stderr
     assert json.loads((out / "config.json").read_text())["image_size"] == chosen
+
+
+def test_a_first_run_on_a_cpu_lowers_a_photo_resolution_until_its_planned_steps_fit(monkeypatch, caplog):
+    from accelerate import Accelerator
+
+    from modeling_corinfomax.cli import train_data
+
+    timed = []
+
+    def seconds_per_step(model, batch_size, accelerator, channels_last=False):  # 1 us per image-pixel
+        timed.append(model.config.image_size)
+        return 2 * batch_size * model.config.image_size**2 * 1e-6
+
+    monkeypatch.setattr(train_data, "seconds_per_step", seconds_per_step)
+    accelerator = Accelerator(cpu=True)
+
+    def first_run(*flags):
+        args = train.parse_args(["--train_dir", "unused", *flags])
+        set_image_size(args, 224)  # as the data rule sets it
+        args.per_device_train_batch_size = args.total_batch_size = 64
+        return args
+
+    args = first_run()  # 4,000 images: 62 steps an epoch x 8 epochs, at least 700 (min_train_steps)
+    with caplog.at_level(logging.INFO, logger="corinfomax.train"):
+        train_data.fit_resolution_to_cpu(args, accelerator, 4000)
+    limit = train_data.CPU_FIRST_RUN_MINUTES * 60
+    size = args.image_size
+    assert (
+        700 * 128 * size**2 * 1e-6 <= limit < 700 * 128 * (size + 8) ** 2 * 1e-6
+    )  # the largest 8k that fits
+    assert size == 96 and args.model_config.image_size == 96 and timed[0] == 224
+    assert "a step at 224 px takes ~6.42 s: the planned 700 steps would take ~75 min" in caplog.text
+    assert "this first run trains at 96 px" in caplog.text and "--image_size 224 keeps" in caplog.text
+
+    timed.clear()
+    for args in (first_run("--max_train_steps", "50"), first_run("--num_train_epochs", "2"),
+                 first_run("--time_budget_minutes", "9")):  # fmt: skip
+        train_data.fit_resolution_to_cpu(args, accelerator, 4000)  # a length or budget given: not a first run
+        assert args.image_size == 224
+    train_data.fit_resolution_to_cpu(first_run(), accelerator, None)  # a stream
+    gpu = types.SimpleNamespace(device=torch.device("cuda"))
+    train_data.fit_resolution_to_cpu(first_run(), gpu, 4000)  # a GPU keeps the photo resolution
+    assert timed == []

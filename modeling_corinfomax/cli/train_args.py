@@ -118,7 +118,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="training and evaluation crop size. Default (no preset, flag or config): from the images, "
         f"whose sizes are read from {SAMPLE_SIZE} of them: their median short side, at most {PHOTO_RESOLUTION} (photos) and at least {min_resolution()} ({min_resolution(True)} "
-        "with --cifar_stem), so that tiny images are upsampled until the last stage keeps a 2x2 map",
+        "with --cifar_stem), so that tiny images are upsampled until the last stage keeps a 2x2 map. On a CPU, "
+        "a first run (no --image_size, length or budget given) is lowered until its planned steps fit in 15 "
+        "minutes (a step is timed before training)",
     )
     g.add_argument("--image_mean", type=float, nargs=3)
     g.add_argument("--image_std", type=float, nargs=3)

@@ -30,7 +30,7 @@ from modeling_corinfomax.data import (
     split_stream,
 )
 from modeling_corinfomax.modeling_corinfomax import CorInfoMaxForPreTraining
-from modeling_corinfomax.training import StopSignal, kill_daemon_processes, seconds_per_step
+from modeling_corinfomax.training import StopSignal, kill_daemon_processes, planned_steps, seconds_per_step
 
 logger = logging.getLogger("corinfomax.train")
 
@@ -40,6 +40,10 @@ MIN_STEPS_PER_EPOCH, MIN_DEFAULT_BATCH = 50, 64
 # With --time_budget_minutes, a resolution from the data is lowered (never below the rule's floor) until
 # the budget buys at least BUDGET_MIN_STEPS steps, by a step timed before training on PROBE_BATCH images.
 BUDGET_MIN_STEPS, PROBE_BATCH, BUDGET_TRAINING_SHARE = 500, 16, 0.85
+# On a CPU, a run whose resolution and length both come from the defaults is a first run: its resolution
+# from the data is lowered the same way until the planned steps fit in CPU_FIRST_RUN_MINUTES (photos at
+# 224 px took 30-45 minutes on 2 cores).
+CPU_FIRST_RUN_MINUTES = 15
 
 
 def build_train_loader(args, accelerator, train, image_column: str, workers: int, loader_kwargs: dict):
@@ -130,16 +134,53 @@ def build_eval_rows(args, train, image_column: str, label_column: str | None) ->
 def fit_resolution_to_budget(args, accelerator, started: float) -> None:
     """The budget's resolution rule: with `--time_budget_minutes`, a resolution taken from the data that
     leaves fewer than `BUDGET_MIN_STEPS` steps in the budget is lowered until it does (or to the data
-    rule's floor). A step is timed before training on a throwaway model (`PROBE_BATCH` images, scaled to
-    the batch); the estimate assumes a step's time goes with the pixel count, and each lowered size is timed
-    again (three timings at most). `BUDGET_TRAINING_SHARE` of the remaining budget counts for training."""
-    floor, size = min_resolution(args.cifar_stem), args.image_size
-    if not args.time_budget_minutes or size <= floor:
+    rule's floor; `lower_resolution`). `BUDGET_TRAINING_SHARE` of the remaining budget counts for training."""
+    if not args.time_budget_minutes or args.image_size <= min_resolution(args.cifar_stem):
         return
+    seconds = max(0.0, BUDGET_TRAINING_SHARE * (args.time_budget_minutes * 60 - (time.time() - started)))
+    timed = lower_resolution(args, accelerator, seconds, BUDGET_MIN_STEPS)
+    if timed:
+        (size, step_time, steps), chosen = timed[0], timed[-1]
+        logger.info(
+            "time budget %.1f min: a step at %d px takes ~%.2f s here, ~%d steps; the budget's rule (at least "
+            "%d steps) trains at %d px (~%.2f s/step, ~%d steps); --image_size N to choose",
+            args.time_budget_minutes, size, step_time, steps, BUDGET_MIN_STEPS, *chosen,
+        )  # fmt: skip
+
+
+def fit_resolution_to_cpu(args, accelerator, images: int | None) -> None:
+    """The first-run rule on a CPU: when neither the resolution nor the run's length nor a time budget was
+    given, a resolution taken from the data whose planned steps would take more than
+    `CPU_FIRST_RUN_MINUTES` here is lowered until they fit (`lower_resolution`)."""
+    length_given = args.max_train_steps or "num_train_epochs" in args.explicit or args.bundled_demo
+    if accelerator.device.type != "cpu" or args.time_budget_minutes or length_given or images is None:
+        return
+    if args.image_size <= min_resolution(args.cifar_stem):
+        return
+    per_epoch = max(1, images // args.total_batch_size)
+    planned = planned_steps(None, args.num_train_epochs, False, per_epoch, False, args.min_train_steps)
+    timed = lower_resolution(args, accelerator, CPU_FIRST_RUN_MINUTES * 60, planned)
+    if timed:
+        (size, step_time, _), (chosen, chosen_time, _) = timed[0], timed[-1]
+        logger.info(
+            "on this CPU, a step at %d px takes ~%.2f s: the planned %d steps would take ~%.0f min, so this "
+            "first run trains at %d px (~%.2f s/step, ~%.0f min; the rule: at most %d min). --image_size %d "
+            "keeps the resolution; --time_budget_minutes N sizes the run to your time",
+            size, step_time, planned, planned * step_time / 60, chosen, chosen_time,
+            planned * chosen_time / 60, CPU_FIRST_RUN_MINUTES, size,
+        )  # fmt: skip
+
+
+def lower_resolution(args, accelerator, seconds: float, min_steps: int) -> list[tuple[int, float, int]]:
+    """Lower `args.image_size` until `seconds` buy at least `min_steps` steps, or to the data rule's floor.
+    A step is timed before training on a throwaway model (`PROBE_BATCH` images, scaled to the batch); the
+    estimate assumes a step's time goes with the pixel count, and each lowered size is timed again (three
+    timings at most). Returns the timings `(size, seconds per step, steps that fit)`, or [] when the size
+    stays."""
+    floor, size = min_resolution(args.cifar_stem), args.image_size
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
     probe = min(batch, PROBE_BATCH)
-    seconds = max(0.0, BUDGET_TRAINING_SHARE * (args.time_budget_minutes * 60 - (time.time() - started)))
-    timed = []  # (size, seconds per step, steps in the budget)
+    timed = []
     for _ in range(3):
         config = copy.deepcopy(args.model_config)
         config.image_size = size
@@ -151,18 +192,13 @@ def fit_resolution_to_budget(args, accelerator, started: float) -> None:
             break
         step_time *= batch / probe
         timed.append((size, step_time, int(seconds // step_time)))
-        if timed[-1][2] >= BUDGET_MIN_STEPS or size == floor:
+        if timed[-1][2] >= min_steps or size == floor:
             break
-        size = max(floor, int(size * math.sqrt(timed[-1][2] / BUDGET_MIN_STEPS)) // 8 * 8)
+        size = max(floor, int(size * math.sqrt(timed[-1][2] / min_steps)) // 8 * 8)
     if not timed or timed[-1][0] == args.image_size:
-        return
-    first, chosen = timed[0], timed[-1]  # the last size timed is the smallest
-    logger.info(
-        "time budget %.1f min: a step at %d px takes ~%.2f s here, ~%d steps; the budget's rule (at least %d "
-        "steps) trains at %d px (~%.2f s/step, ~%d steps); --image_size N to choose",
-        args.time_budget_minutes, first[0], first[1], first[2], BUDGET_MIN_STEPS, *chosen,
-    )  # fmt: skip
-    set_image_size(args, chosen[0])
+        return []
+    set_image_size(args, timed[-1][0])  # the last size timed is the smallest
+    return timed
 
 
 def build_dataloaders(args, accelerator, started: float | None = None):
@@ -195,6 +231,7 @@ def build_dataloaders(args, accelerator, started: float | None = None):
     resolve_batch_sizes(args, accelerator, None if args.streaming else len(train))
     if from_data and started is not None:
         fit_resolution_to_budget(args, accelerator, started)
+        fit_resolution_to_cpu(args, accelerator, None if args.streaming else len(train))
     workers = args.dataloader_num_workers
     if workers is None:  # leave the cores to the model on small machines
         workers = max(1, min(8, (os.cpu_count() or 2) // max(1, accelerator.num_processes) - 1))
