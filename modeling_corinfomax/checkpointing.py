@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from .errors import CheckpointError, TrainingFault
 from .training import all_processes_agree
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class CheckpointSaver:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_unfinished_writes(self.output_dir)
 
-    def resume(self, path: Path, best: dict | None = None) -> dict:
+    def resume(self, path: Path) -> dict:
         """Load the state of checkpoint `path`; return its trainer state. Newer checkpoints (and a best
         model not of this checkpoint's best step) are set aside."""
         try:
@@ -159,8 +160,8 @@ class CheckpointSaver:
             state = json.loads((path / TRAINER_STATE_NAME).read_text())
         except Exception as error:  # noqa: BLE001  (any failure here has the same remedy)
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise SystemExit(
-                f"error: cannot resume from {path} ({type(error).__name__}: {first_line}). It is damaged or was "
+            raise CheckpointError(
+                f"cannot resume from {path} ({type(error).__name__}: {first_line}). It is damaged or was "
                 "written with other model settings: resume from an older checkpoints/step_N or start afresh."
             ) from None
         if self.accelerator.is_main_process:
@@ -201,8 +202,8 @@ class CheckpointSaver:
             what = (
                 f"{type(error).__name__}: {error}" if error is not None else "another process failed to write"
             )
-            raise SystemExit(
-                f"error: could not write checkpoint {final} ({what}; {free:.0f} MiB free there). The previous "
+            raise CheckpointError(
+                f"could not write checkpoint {final} ({what}; {free:.0f} MiB free there). The previous "
                 "checkpoints are intact: free disk space (or lower --save_total_limit) and resume with "
                 "--resume_from_checkpoint latest."
             )
@@ -246,7 +247,7 @@ class CheckpointSaver:
                 if newest
                 else f"No checkpoint exists (see --checkpointing_steps): start again with {FAULT_REMEDY}."
             )
-        raise SystemExit(f"error: numerical fault at {fault}\n{advice}")
+        raise TrainingFault(f"numerical fault at {fault}\n{advice}")
 
     def save_model(self, model, best: dict | None = None) -> None:
         """`save_pretrained` into a staging folder, then rename each file into place, so a kill or a full
@@ -283,8 +284,8 @@ class CheckpointSaver:
                 if error is not None
                 else "the main process failed to write it"
             )
-            raise SystemExit(
-                f"error: could not write the model to {project} ({what}). Free disk space and run again with "
+            raise CheckpointError(
+                f"could not write the model to {project} ({what}). Free disk space and run again with "
                 "--resume_from_checkpoint latest (training resumes from the newest checkpoint)."
             )
 

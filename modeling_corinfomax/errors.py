@@ -4,6 +4,10 @@ CorInfoMaxError          any problem the user can fix; the message names the fix
 ├── ConfigurationError   settings that do not fit together or do not fit the machine
 ├── DataError            a dataset that cannot serve (also `ValueError`, as it always was)
 └── CheckpointError      an output folder or checkpoint that cannot be used or written
+    └── TrainingFault    a numerical fault that ended a run (its last good step is checkpointed)
+
+Interrupted, a `KeyboardInterrupt` (so that no `except Exception` on the way swallows it): a second stop
+signal ends the run at once, without saving.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ class CheckpointError(CorInfoMaxError):
 class TrainingFault(CheckpointError):
     """A numerical fault that ended a run after its last good step was checkpointed; the message holds
     the advice."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM while the run was stopping cleanly: it ends at once, without saving."""
 
 
 def error_message(error: BaseException) -> str:

@@ -26,6 +26,7 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from .data import BatchViewAugment, TwoViewAugmentation
+from .errors import Interrupted
 from .loss import CorInfoMaxNumericalError
 
 logger = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         if self.received is not None:  # a second signal: leave now; the checkpoints on disk are complete
-            raise SystemExit(f"error: {signal.Signals(signum).name} again: stopped at once, without saving.")
+            raise Interrupted(f"{signal.Signals(signum).name} again: stopped at once, without saving.")
         self.received = signum
 
     @staticmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from modeling_corinfomax.checkpointing import (
     latest_checkpoint,
     remove_unfinished_writes,
@@ -37,3 +39,28 @@ def test_a_best_model_newer_than_the_resumed_checkpoint_is_set_aside_and_a_kille
     remove_unfinished_writes(tmp_path)
     assert json.loads((tmp_path / "best" / "best_model.json").read_text())["step"] == 8
     assert not (tmp_path / ".tmp-best").exists() and not (tmp_path / ".old-best").exists()
+
+
+def test_library_errors_are_exceptions_that_name_the_fix_and_the_cli_turns_them_into_one_line(
+    tmp_path, monkeypatch
+):
+    from accelerate import Accelerator
+
+    from modeling_corinfomax.checkpointing import CheckpointSaver
+    from modeling_corinfomax.cli import train
+    from modeling_corinfomax.errors import CheckpointError, ConfigurationError, CorInfoMaxError
+
+    damaged = tmp_path / "checkpoints" / "step_3"
+    damaged.mkdir(parents=True)
+    saver = CheckpointSaver(Accelerator(cpu=True), tmp_path)
+    with pytest.raises(CheckpointError, match="resume from an older checkpoints/step_N or start afresh"):
+        saver.resume(damaged)  # an exception for a library caller, not an exit
+    assert issubclass(CheckpointError, CorInfoMaxError) and not issubclass(CheckpointError, SystemExit)
+
+    def fails(argv):
+        raise ConfigurationError("the batch does not divide: pass --total_batch_size 64")
+
+    monkeypatch.setattr(train, "pretrain", fails)
+    with pytest.raises(SystemExit) as raised:
+        train.main([])
+    assert str(raised.value) == "error: the batch does not divide: pass --total_batch_size 64"

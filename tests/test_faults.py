@@ -33,6 +33,7 @@ from PIL import Image
 from modeling_corinfomax.checkpointing import MODEL_STAGING, latest_checkpoint
 from modeling_corinfomax.cli import train
 from modeling_corinfomax.data import BatchViewAugment, DataError, class_indices, class_names, decode_image
+from modeling_corinfomax.errors import Interrupted
 from modeling_corinfomax.training import StopSignal
 
 # SMALL with a 0.4M-parameter backbone and 64 images in batches of 16 (4 steps per epoch): seconds a run.
@@ -611,7 +612,7 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_stops_at_once():
     stop = StopSignal()
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.received == signal.SIGINT  # the loop saves a checkpoint after this step, then exits
-    with pytest.raises(SystemExit, match="SIGINT again: stopped at once"):
+    with pytest.raises(Interrupted, match="SIGINT again: stopped at once"):
         os.kill(os.getpid(), signal.SIGINT)
 
 

@@ -48,16 +48,15 @@ from transformers.utils import cached_file, extract_commit_hash
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter
 from modeling_corinfomax.data import (
-    DataError,
     ExampleCollator,
     ImageViewDataset,
     NormalizedBatches,
     TwoViewAugmentation,
     ViewAugmentation,
-    data_error_message,
     labelled_rows,
     load_labelled_splits,
 )
+from modeling_corinfomax.errors import CorInfoMaxError, error_message
 from modeling_corinfomax.evaluation import (
     BUNDLED_DATASET_NAME,
     KNN_K,
@@ -298,8 +297,8 @@ def load_data(args) -> EvalData:
         validation, eval_labels, eval_rows = labelled_rows(
             validation, validation_split, label_column, names, args.max_eval_samples, args.seed
         )
-    except DataError as error:
-        raise SystemExit(f"eval.py: {data_error_message(error)}") from None
+    except CorInfoMaxError as error:
+        raise SystemExit(f"eval.py: {error_message(error)}") from None
     record = {
         "name": args.dataset_name or args.validation_dir or args.train_dir or BUNDLED_DATASET_NAME,
         "config": args.dataset_config_name,

@@ -42,12 +42,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax.data import (
-    DataError,
-    data_error_message,
     labelled_rows,
     load_labelled_splits,
     to_rgb,
 )
+from modeling_corinfomax.errors import CorInfoMaxError, error_message
 from modeling_corinfomax.evaluation import (
     BUNDLED_DATASET_NAME,
     check_eval_results,
@@ -194,8 +193,8 @@ def labelled_splits(data_args, training_args):
         )  # fmt: skip
         train = with_labels(train, data_args.train_split, image_column, label_column, names)
         validation = with_labels(validation, validation_split, image_column, label_column, names)
-    except DataError as error:
-        raise SystemExit(f"finetune.py: {data_error_message(error)}") from None
+    except CorInfoMaxError as error:
+        raise SystemExit(f"finetune.py: {error_message(error)}") from None
     if names is None:
         names = [str(i) for i in range(max(train["labels"] + validation["labels"]) + 1)]
     if data_args.train_fraction is not None:

@@ -39,7 +39,7 @@ from modeling_corinfomax.checkpointing import CheckpointSaver, RunLock, write_at
 from modeling_corinfomax.cli.train_args import parse_args, set_image_size
 from modeling_corinfomax.cli.train_data import build_dataloaders
 from modeling_corinfomax.data import InMemoryEvalDataset
-from modeling_corinfomax.errors import CorInfoMaxError, DataError, error_message
+from modeling_corinfomax.errors import CorInfoMaxError, DataError, Interrupted, error_message
 from modeling_corinfomax.hardware import (
     choose_cpu_threads,
     choose_mixed_precision,
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     folder), also one found mid-run in a DataLoader worker, ends it with one line."""
     try:
         return pretrain(argv)
-    except CorInfoMaxError as error:
+    except (CorInfoMaxError, Interrupted) as error:
         message = error_message(error)
     # Raised outside the handler, so that the failed DataLoader (its traceback holds it) is freed now and
     # ends its workers.

@@ -29,6 +29,7 @@ from modeling_corinfomax.data import (
     resolve_columns,
     split_stream,
 )
+from modeling_corinfomax.errors import ConfigurationError
 from modeling_corinfomax.modeling_corinfomax import CorInfoMaxForPreTraining
 from modeling_corinfomax.training import StopSignal, kill_daemon_processes, planned_steps, seconds_per_step
 
@@ -277,14 +278,14 @@ def resolve_batch_sizes(args, accelerator, dataset_size: int | None) -> None:
     if args.per_device_train_batch_size is None:
         divisor = accelerator.num_processes * args.gradient_accumulation_steps
         if args.total_batch_size % divisor:
-            raise SystemExit(
-                f"error: --total_batch_size {args.total_batch_size} is not divisible by "
+            raise ConfigurationError(
+                f"--total_batch_size {args.total_batch_size} is not divisible by "
                 f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps."
             )
         args.per_device_train_batch_size = args.total_batch_size // divisor
     if args.per_device_train_batch_size < 2:
-        raise SystemExit(
-            f"error: each process's batch is {args.per_device_train_batch_size} image(s); BatchNorm and the loss "
+        raise ConfigurationError(
+            f"each process's batch is {args.per_device_train_batch_size} image(s); BatchNorm and the loss "
             "need at least 2: raise --total_batch_size or lower --gradient_accumulation_steps."
         )
     args.total_batch_size = (
