@@ -369,6 +369,17 @@ def validate_args(args: argparse.Namespace) -> None:
         args.model_config = CorInfoMaxConfig(**{**fields, "image_size": args.image_size or PHOTO_RESOLUTION})
     except (ValueError, TypeError) as error:
         fail(str(error))
+    check_ranges(args, fail)
+    check_combinations(args, fail)
+    try:
+        args.two_view_augmentation = TwoViewAugmentation.from_dict(args.augmentation)
+    except (DataError, TypeError) as error:
+        fail(f"bad augmentation setting: {error}")
+    check_backbone_accepts_image_size(args.model_config, fail, forward=args.image_size is not None)
+
+
+def check_ranges(args: argparse.Namespace, fail) -> None:
+    """Each number within its range."""
     for name in (
         "per_device_train_batch_size",
         "total_batch_size",
@@ -420,6 +431,10 @@ def validate_args(args: argparse.Namespace) -> None:
             fail(
                 f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}."
             )
+
+
+def check_combinations(args: argparse.Namespace, fail) -> None:
+    """Flags that need each other or exclude each other, and the files and services they name."""
     if args.push_to_hub:
         check_push_is_possible(args, fail)
     args.report_to = resolve_trackers(args.report_to, fail)
@@ -439,11 +454,6 @@ def validate_args(args: argparse.Namespace) -> None:
         fail(f"--min_train_steps must be >= 1, got {args.min_train_steps}.")
     if args.streaming and args.max_train_steps is None and args.time_budget_minutes is None:
         fail("--streaming datasets have no length: set --max_train_steps or --time_budget_minutes.")
-    try:
-        args.two_view_augmentation = TwoViewAugmentation.from_dict(args.augmentation)
-    except (DataError, TypeError) as error:
-        fail(f"bad augmentation setting: {error}")
-    check_backbone_accepts_image_size(args.model_config, fail, forward=args.image_size is not None)
 
 
 def set_image_size(args: argparse.Namespace, image_size: int) -> None:
