@@ -88,6 +88,30 @@ PRESET_DATA_KEYS = ("dataset_name", "dataset_config_name", "image_column", "labe
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_flags(parser)
+    add_data_flags(parser)
+    add_protocol_flags(parser)
+    args = parser.parse_args(argv)
+    given_linear = [f"--{flag}" for flag in LINEAR_FLAGS if getattr(args, flag) is not None]
+    if args.precompute_features and given_linear:
+        parser.error(
+            f"{' '.join(given_linear)} set the augmented linear protocol, which --precompute_features "
+            "replaces by an exact logistic regression: drop one or the other."
+        )
+    apply_preset(args)
+    if args.total_batch_size < 1:
+        parser.error(f"--total_batch_size {args.total_batch_size} must be >= 1.")
+    if args.dataset_name and (args.train_dir or args.validation_dir):
+        parser.error("pass either --dataset_name or --train_dir/--validation_dir, not both.")
+    if args.validation_dir and not args.train_dir:
+        parser.error("--validation_dir needs --train_dir (the kNN bank and the probe's training images).")
+    if any(k < 1 for k in args.knn_k):
+        parser.error(f"--knn_k {args.knn_k}: every k must be >= 1.")
+    return args
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint and what of it is evaluated."""
     g = parser.add_argument_group("model")
     g.add_argument(
         "--preset",
@@ -111,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--image_size", type=int, default=None, help="crop size (default: the checkpoint's)")
 
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """The labelled splits (the bank and the evaluation split)."""
     g = parser.add_argument_group("data (default: the bundled Fashion-MNIST subset)")
     g.add_argument("--dataset_name", default=None, help="a Hub dataset id or anything `load_dataset` takes")
     g.add_argument("--dataset_config_name", default=None)
@@ -126,6 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_eval_samples", type=int, default=None, help="random subset (seeded) of validation")
     g.add_argument("--cache_dir", default=None)
 
+
+def add_protocol_flags(parser: argparse.ArgumentParser) -> None:
+    """kNN, the linear probe and the augmented linear protocol; batch, outputs."""
     g = parser.add_argument_group("protocols")
     g.add_argument("--protocol", choices=["knn", "linear", "all"], default="knn")
     g.add_argument(
@@ -165,23 +195,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="also write each split's features to DIR/<split>.parquet (id, split, label, embedding)",
     )
-    args = parser.parse_args(argv)
-    given_linear = [f"--{flag}" for flag in LINEAR_FLAGS if getattr(args, flag) is not None]
-    if args.precompute_features and given_linear:
-        parser.error(
-            f"{' '.join(given_linear)} set the augmented linear protocol, which --precompute_features "
-            "replaces by an exact logistic regression: drop one or the other."
-        )
-    apply_preset(args)
-    if args.total_batch_size < 1:
-        parser.error(f"--total_batch_size {args.total_batch_size} must be >= 1.")
-    if args.dataset_name and (args.train_dir or args.validation_dir):
-        parser.error("pass either --dataset_name or --train_dir/--validation_dir, not both.")
-    if args.validation_dir and not args.train_dir:
-        parser.error("--validation_dir needs --train_dir (the kNN bank and the probe's training images).")
-    if any(k < 1 for k in args.knn_k):
-        parser.error(f"--knn_k {args.knn_k}: every k must be >= 1.")
-    return args
 
 
 def apply_preset(args: argparse.Namespace) -> None:
