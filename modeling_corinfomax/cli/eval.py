@@ -457,7 +457,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
         return make_loader(dataset, labels, data, image_size, mean, std, args, accelerator, augmented)
 
-    features = "projector output" if args.use_projector else "backbone pooler_output"
     results: dict = {
         "model_name_or_path": args.model_name_or_path,
         "revision": resolve_commit(args.model_name_or_path, args.revision),
@@ -473,15 +472,37 @@ def main(argv: list[str] | None = None) -> dict:
         )
         computed = (x_train, y_train, x_eval, y_eval)
     if args.save_embeddings and accelerator.is_main_process:
-        # Two image folders both load as a "train" split: the evaluation one is then named "validation".
-        eval_name = data.validation_split if data.validation_split != args.train_split else "validation"
-        for split, rows, x, y in (
-            (args.train_split, data.train_rows, x_train, y_train),
-            (eval_name, data.eval_rows, x_eval, y_eval),
-        ):
-            path = save_embeddings(args.save_embeddings, split, rows, x, y, data.names)
-            logger.info("%s embeddings written to %s", split, path)
+        write_embeddings(args, data, computed)
+    results["protocols"] = run_protocols(args, model, loader, computed, data, accelerator, image_size)
+    for name, protocol in results["protocols"].items():
+        results.update({f"{name}_top1": protocol.pop("top1"), f"{name}_top5": protocol.pop("top5")})
 
+    if accelerator.is_main_process:
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+            update_eval_results(args.output_dir, results)
+            logger.info("results merged into %s", Path(args.output_dir) / "eval_results.json")
+        print(json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()
+    return results
+
+
+def write_embeddings(args, data, computed) -> None:
+    """`--save_embeddings`: each split's features as DIR/<split>.parquet."""
+    x_train, y_train, x_eval, y_eval = computed
+    # Two image folders both load as a "train" split: the evaluation one is then named "validation".
+    eval_name = data.validation_split if data.validation_split != args.train_split else "validation"
+    for split, rows, x, y in (
+        (args.train_split, data.train_rows, x_train, y_train),
+        (eval_name, data.eval_rows, x_eval, y_eval),
+    ):
+        path = save_embeddings(args.save_embeddings, split, rows, x, y, data.names)
+        logger.info("%s embeddings written to %s", split, path)
+
+
+def run_protocols(args, model, loader, computed, data, accelerator, image_size: int) -> dict:
+    """The kNN and linear protocols of `--protocol`: {name: {top1, top5, settings...}}."""
+    features = "projector output" if args.use_projector else "backbone pooler_output"
     protocols: dict = {}
     if args.protocol in ("knn", "all"):
         protocols["knn"] = knn_protocol(args, *computed, data.num_classes, accelerator.device, features)
@@ -492,19 +513,9 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(
             "linear (%s): %s", "precomputed" if args.precompute_features else "augmented", protocols["linear"]
         )
-    for name, protocol in protocols.items():
-        results.update({f"{name}_top1": protocol.pop("top1"), f"{name}_top5": protocol.pop("top5")})
+    for protocol in protocols.values():
         protocol.update(train_split=args.train_split, image_size=image_size)
-    results["protocols"] = protocols
-
-    if accelerator.is_main_process:
-        if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-            update_eval_results(args.output_dir, results)
-            logger.info("results merged into %s", Path(args.output_dir) / "eval_results.json")
-        print(json.dumps(results, indent=2))
-    accelerator.wait_for_everyone()
-    return results
+    return protocols
 
 
 if __name__ == "__main__":
