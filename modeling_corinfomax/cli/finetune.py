@@ -275,31 +275,7 @@ def main():
     if training_args.do_eval:
         check_eval_results(training_args.output_dir, dataset_record)
 
-    label2id = {name: i for i, name in enumerate(names)}
-    id2label = dict(enumerate(names))
-    common = {
-        "revision": model_args.revision,
-        "token": model_args.token,
-        "trust_remote_code": model_args.trust_remote_code,
-    }
-    model = AutoModelForImageClassification.from_pretrained(
-        model_args.model_name_or_path,
-        num_labels=len(names),
-        id2label=id2label,
-        label2id=label2id,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        **common,
-    )
-    if model_args.freeze_backbone:
-        if not hasattr(model, "set_freeze_backbone"):
-            raise SystemExit(
-                f"finetune.py: --freeze_backbone needs a CorInfoMax checkpoint; {type(model).__name__} has no "
-                "set_freeze_backbone. Drop the flag to fine-tune the whole model."
-            )
-        model.set_freeze_backbone(True)
-    image_processor = AutoImageProcessor.from_pretrained(
-        model_args.image_processor_name or model_args.model_name_or_path, **common
-    )
+    model, image_processor = load_model(model_args, names)
     train_transform, eval_transform = build_transforms(image_processor)
 
     def transform(pipeline):
@@ -338,6 +314,41 @@ def main():
         if trainer.is_world_process_zero():
             record_results(trainer, metrics, model_args, data_args, training_args, len(train), dataset_record)
 
+    publish_card(trainer, model_args, data_args, training_args)
+
+
+def load_model(model_args, names: list[str]):
+    """The classification model (a new head of `len(names)` classes) and its image processor."""
+    label2id = {name: i for i, name in enumerate(names)}
+    id2label = dict(enumerate(names))
+    common = {
+        "revision": model_args.revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    model = AutoModelForImageClassification.from_pretrained(
+        model_args.model_name_or_path,
+        num_labels=len(names),
+        id2label=id2label,
+        label2id=label2id,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **common,
+    )
+    if model_args.freeze_backbone:
+        if not hasattr(model, "set_freeze_backbone"):
+            raise SystemExit(
+                f"finetune.py: --freeze_backbone needs a CorInfoMax checkpoint; {type(model).__name__} has no "
+                "set_freeze_backbone. Drop the flag to fine-tune the whole model."
+            )
+        model.set_freeze_backbone(True)
+    image_processor = AutoImageProcessor.from_pretrained(
+        model_args.image_processor_name or model_args.model_name_or_path, **common
+    )
+    return model, image_processor
+
+
+def publish_card(trainer, model_args, data_args, training_args) -> None:
+    """The model card, pushed with the model under `--push_to_hub`, else written next to it."""
     kwargs = {"tasks": "image-classification", "tags": ["image-classification", "vision", "corinfomax"]}
     if not os.path.isdir(model_args.model_name_or_path):  # a local path would become a broken Hub link
         kwargs["finetuned_from"] = model_args.model_name_or_path
