@@ -2,7 +2,8 @@
 
 Importing this package registers the Auto classes (`AutoConfig`, `AutoModel`, `AutoModelForPreTraining`,
 `AutoModelForImageClassification`) for `model_type="corinfomax"`, and registers with timm the
-CIFAR-stem variants of the ResNet family (`<arch>_cifar_stem`) used by timm-format exports.
+CIFAR-stem variants of the ResNet family (`<arch>_cifar_stem`) used by timm-format exports, and gives the
+models' `push_to_hub` the package's model card (`CorInfoMaxPreTrainedModel.hub_pusher`).
 """
 
 import timm
@@ -42,6 +43,16 @@ AutoModelForImageClassification.register(CorInfoMaxConfig, CorInfoMaxForImageCla
 
 for _architecture in timm.list_models(module="resnet"):
     register_cifar_stem_architecture(_architecture)
+
+
+def _push_model(model, repo_id: str, **kwargs):
+    """`model.push_to_hub` with our card and files (`export.push_model`; imported when first used)."""
+    from .export import push_model  # noqa: PLC0415
+
+    return push_model(model, repo_id, **kwargs)
+
+
+CorInfoMaxPreTrainedModel.hub_pusher = staticmethod(_push_model)
 
 __all__ = [
     "CorInfoMaxConfig",

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .reporting import EVAL_RESULTS_NAME
 from .wrappers import unwrap
 
-EVAL_RESULTS_NAME = "eval_results.json"
 # The name results on the bundled demo data carry, so that train.py's and eval.py's merge into one file.
 BUNDLED_DATASET_NAME = "bundled fashion-mnist subset"
 # The kNN protocol of train.py's monitor and report and eval.py's default: cosine similarity, the k

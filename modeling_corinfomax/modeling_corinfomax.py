@@ -5,7 +5,6 @@ This file travels to the Hub as remote code: it imports only torch, transformers
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -219,19 +218,18 @@ class CorInfoMaxPreTrainedModel(PreTrainedModel):
             make_image_processor(self.config).save_pretrained(save_directory)
         return result
 
+    # The corinfomax package (its `__init__`) sets this to its publishing code's `push_model`. Loaded as
+    # remote code without the package, it stays None: this file imports only torch, transformers, timm
+    # and its siblings, never the publishing code.
+    hub_pusher = None
+
     def push_to_hub(
         self,
         repo_id: str,
         *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
         run_dir: str | os.PathLike | None = None,
+        **hub_kwargs,
     ):
         """`PreTrainedModel.push_to_hub` (the same arguments, one commit to one repo) uploading what our
         publishing path uploads for the full model: our model card (tags with `custom_code`, usage, the
@@ -239,18 +237,18 @@ class CorInfoMaxPreTrainedModel(PreTrainedModel):
         files, the `auto_map` of every head and `preprocessor_config.json`.
 
         Why this shape: `export.publish` writes the full model's folder with `export.write_model_folder`,
-        and so does this method (through `export.push_model`), so both give the same card and files by
-        construction. The upload itself keeps transformers' contract (`create_pr`, `commit_description`,
-        files already in the repo are kept, no second repo), where `publish` mirrors a checkpoint into
-        two repos; use `publish` on a `save_pretrained` folder to ship the timm-format backbone too. The
-        export module is imported here, not at the top: this file is remote code and may import only
-        torch, transformers, timm and its siblings. Loaded as remote code, without the `corinfomax`
-        package, there is no export module: the model then pushes with transformers' generic card,
-        tagged `corinfomax` and `custom_code`, and a warning says how to get the full card.
+        and so does this method (through `export.push_model`, the `hub_pusher` the package installs), so
+        both give the same card and files by construction. The upload itself keeps transformers' contract
+        (`create_pr`, `commit_description`, files already in the repo are kept, no second repo), where
+        `publish` mirrors a checkpoint into two repos; use `publish` on a `save_pretrained` folder to ship
+        the timm-format backbone too. Loaded as remote code, without the `corinfomax` package, the model
+        pushes with transformers' generic card, tagged `corinfomax` and `custom_code`, and a warning says
+        how to get the full card.
 
         Args:
-            repo_id, commit_message, commit_description, private, token, revision, create_pr,
-                max_shard_size, tags: as in transformers (`tags` are added to the card's).
+            repo_id, tags, **hub_kwargs: as in transformers (`commit_message`, `commit_description`,
+                `private`, `token`, `revision`, `create_pr`, `max_shard_size`); `tags` are added to the
+                card's.
             run_dir: a training output folder (train.py's `--output_dir`) whose `training_args.json`,
                 `eval_results.json` and pictures describe these weights; they go into the card and the
                 repo. Never guessed from where the model was loaded: its weights may have changed since.
@@ -258,35 +256,20 @@ class CorInfoMaxPreTrainedModel(PreTrainedModel):
         Returns:
             The `huggingface_hub.CommitInfo` of the commit.
         """
-        hub_kwargs = dict(
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            max_shard_size=max_shard_size,
+        pusher = type(self).hub_pusher
+        if pusher is not None:
+            return pusher(self, repo_id, tags=tags, run_dir=run_dir, **hub_kwargs)
+        if run_dir is not None:
+            raise ValueError(
+                f"run_dir={str(run_dir)!r} needs the corinfomax package (`pip install corinfomax`): this "
+                "model was loaded as remote code. Install it, or push without run_dir."
+            )
+        logger.warning(
+            "CorInfoMax model loaded as remote code: pushing with transformers' generic model card. "
+            "Install the corinfomax package for the full card (usage, hyperparameters, results)."
         )
-        try:
-            # A string import: transformers copies and fetches every `from .x import` of remote code.
-            export = importlib.import_module(".export", __package__)
-        except ModuleNotFoundError as error:
-            if error.name != f"{__package__}.export":
-                raise
-            if run_dir is not None:
-                raise ValueError(
-                    f"run_dir={str(run_dir)!r} needs the corinfomax package (`pip install corinfomax`): this "
-                    "model was loaded as remote code. Install it, or push without run_dir."
-                ) from None
-            logger.warning(
-                "CorInfoMax model loaded as remote code: pushing with transformers' generic model card. "
-                "Install the corinfomax package for the full card (usage, hyperparameters, results)."
-            )
-            # transformers drops repeated tags.
-            return super().push_to_hub(
-                repo_id, tags=["corinfomax", "custom_code", *(tags or [])], **hub_kwargs
-            )
-        return export.push_model(self, repo_id, tags=tags, run_dir=run_dir, **hub_kwargs)
+        # transformers drops repeated tags.
+        return super().push_to_hub(repo_id, tags=["corinfomax", "custom_code", *(tags or [])], **hub_kwargs)
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
         for module in self.modules():

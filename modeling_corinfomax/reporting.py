@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 TRAINING_ARGS_NAME = "training_args.json"  # every resolved flag of the run
+EVAL_RESULTS_NAME = "eval_results.json"  # what train.py, eval.py and finetune.py measured; the cards read it
 TRAINING_LOG_NAME = "training_log.json"  # one record per --logging_steps
 TRAINING_FIGURE_NAME = "training.png"  # loss curves and the projection spectrum
 EMBEDDING_MAP_NAME = "embeddings.png"

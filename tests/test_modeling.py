@@ -571,3 +571,31 @@ def test_checkpoint_loads_as_remote_code_without_the_package(pretrained, fashion
     for name in LOSS_STATE:
         assert remote["loss_state"][name].dtype == torch.float64
         assert torch.equal(remote["loss_state"][name], getattr(model.loss_fn, name))
+
+
+def test_the_remote_code_files_import_nothing_of_the_package_beyond_each_other():
+    # They travel to the Hub as remote code; the package reaches them (push_to_hub's card through
+    # `hub_pusher`), never the other way round.
+    import ast
+    from pathlib import Path
+
+    import modeling_corinfomax
+    from modeling_corinfomax.export import push_model
+
+    package = Path(modeling_corinfomax.__file__).parent
+    allowed = {"__future__", "math", "os", "dataclasses", "typing", "torch", "transformers", "timm"}
+    siblings = {"configuration_corinfomax", "loss", "modeling_corinfomax"}
+    for name in ("modeling_corinfomax.py", "configuration_corinfomax.py", "loss.py"):
+        for node in ast.walk(ast.parse((package / name).read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+                assert roots <= allowed, (name, roots)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert node.module in siblings, (name, node.module)
+                else:
+                    assert node.module.split(".")[0] in allowed, (name, node.module)
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
+                raise AssertionError(f"{name} imports a module by name")
+    pusher = modeling_corinfomax.CorInfoMaxPreTrainedModel.hub_pusher
+    assert pusher is not None and push_model.__module__ == "modeling_corinfomax.export.publishing"

@@ -37,9 +37,9 @@ from torch import nn
 
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxForPreTraining
 from modeling_corinfomax.cli.flags import HelpFormatter
-from modeling_corinfomax.export import TRAINING_ARGS_NAME
 from modeling_corinfomax.modeling_corinfomax import build_projector
 from modeling_corinfomax.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS
+from modeling_corinfomax.reporting import TRAINING_ARGS_NAME
 
 # Our config field -> the official `parameters_dict` key.
 OFFICIAL_FLAGS = {
