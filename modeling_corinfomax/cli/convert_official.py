@@ -194,6 +194,30 @@ def preset_for_dataset(dataset: Any) -> str | None:
     return next((preset for key, preset in DATASET_PRESETS if key in name), None)
 
 
+def check_contradictions(values: dict, params: dict, stem: tuple, inferred_projector: tuple | None) -> None:
+    """Refuse flags that contradict the weights, and an official loss weighting ours cannot express."""
+    backbone, cifar_stem = stem
+    if inferred_projector is not None:
+        dims, batchnorm = inferred_projector
+    if values["backbone"] != backbone or values["cifar_stem"] != cifar_stem:
+        raise ConversionError(
+            f"--backbone {values['backbone']} / --cifar_stem {values['cifar_stem']} contradict the weights "
+            f"({backbone}, cifar_stem={cifar_stem}); drop the flag."
+        )
+    if inferred_projector is not None and (
+        values["projector_dims"] != dims or values.get("projector_batchnorm", batchnorm) != batchnorm
+    ):
+        raise ConversionError(
+            f"--projector_dims/--projector_batchnorm contradict the checkpoint's projector ({dims}, "
+            f"batchnorm={batchnorm}); drop the flags."
+        )
+    if params.get("cov_loss_weight", 1.0) != 1.0:
+        raise ConversionError(
+            f"parameters_dict['cov_loss_weight']={params['cov_loss_weight']}: our loss fixes the log-det weight at 1 "
+            "(as every official run). Divide alpha by it instead if you want the same minimiser."
+        )
+
+
 def resolve_config(
     checkpoint: OfficialCheckpoint, overrides: dict[str, Any]
 ) -> tuple[CorInfoMaxConfig, dict]:
@@ -233,8 +257,9 @@ def resolve_config(
         v for k, v in checkpoint.backbone.items() if re.fullmatch(r"layer4\.\d+\.bn\d\.weight", k)
     ][-1]
     feature_dim = feature_dim.shape[0]
+    inferred_projector = None
     if checkpoint.projector is not None:
-        dims, batchnorm = infer_projector(checkpoint.projector, feature_dim)
+        dims, batchnorm = inferred_projector = infer_projector(checkpoint.projector, feature_dim)
         put("projector_dims", dims, "weights")
         put(
             "projector_batchnorm", batchnorm, "weights (projector.1.running_mean)" if batchnorm else "weights"
@@ -248,23 +273,7 @@ def resolve_config(
     for key, value in overrides.items():
         put(key, value, "flag")
 
-    if values["backbone"] != backbone or values["cifar_stem"] != cifar_stem:
-        raise ConversionError(
-            f"--backbone {values['backbone']} / --cifar_stem {values['cifar_stem']} contradict the weights "
-            f"({backbone}, cifar_stem={cifar_stem}); drop the flag."
-        )
-    if checkpoint.projector is not None and (
-        values["projector_dims"] != dims or values.get("projector_batchnorm", batchnorm) != batchnorm
-    ):
-        raise ConversionError(
-            f"--projector_dims/--projector_batchnorm contradict the checkpoint's projector ({dims}, "
-            f"batchnorm={batchnorm}); drop the flags."
-        )
-    if params.get("cov_loss_weight", 1.0) != 1.0:
-        raise ConversionError(
-            f"parameters_dict['cov_loss_weight']={params['cov_loss_weight']}: our loss fixes the log-det weight at 1 "
-            "(as every official run). Divide alpha by it instead if you want the same minimiser."
-        )
+    check_contradictions(values, params, (backbone, cifar_stem), inferred_projector)
     return CorInfoMaxConfig(**values), sources
 
 
@@ -294,6 +303,29 @@ def official_network(
     return backbone.eval(), projector.eval()
 
 
+def verify_against_original(model, checkpoint: OfficialCheckpoint, config, seed: int) -> dict[str, float]:
+    """The largest feature (and projection) differences between `model` and the original network rebuilt
+    from the checkpoint, on seeded random images; a converter bug raises."""
+    backbone, projector = official_network(checkpoint, config)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(
+        4, 3, 32 if config.cifar_stem else 64, 32 if config.cifar_stem else 64, generator=generator
+    )
+    with torch.no_grad():
+        ours = model.corinfomax(x)
+        features = backbone(x)
+        report_diffs = {"features": (ours.pooler_output - features).abs().max().item()}
+        if projector is not None:
+            report_diffs["projections"] = (ours.projections - projector(features)).abs().max().item()
+    scale = max(1.0, features.abs().max().item())
+    if any(diff > 1e-4 * scale for diff in report_diffs.values()):
+        raise ConversionError(
+            f"the converted model differs from the original network (max abs differences {report_diffs}); "
+            "this is a converter bug for this layout, please report it with the report below."
+        )
+    return report_diffs
+
+
 def convert(
     path: str | Path, out_dir: str | Path, overrides: dict[str, Any] | None = None, seed: int = 0
 ) -> dict[str, Any]:
@@ -320,23 +352,7 @@ def convert(
             f"the weights do not fit timm's {config.backbone}: missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
 
-    backbone, projector = official_network(checkpoint, config)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(
-        4, 3, 32 if config.cifar_stem else 64, 32 if config.cifar_stem else 64, generator=generator
-    )
-    with torch.no_grad():
-        ours = model.corinfomax(x)
-        features = backbone(x)
-        report_diffs = {"features": (ours.pooler_output - features).abs().max().item()}
-        if projector is not None:
-            report_diffs["projections"] = (ours.projections - projector(features)).abs().max().item()
-    scale = max(1.0, features.abs().max().item())
-    if any(diff > 1e-4 * scale for diff in report_diffs.values()):
-        raise ConversionError(
-            f"the converted model differs from the original network (max abs differences {report_diffs}); "
-            "this is a converter bug for this layout, please report it with the report below."
-        )
+    report_diffs = verify_against_original(model, checkpoint, config, seed)
 
     model.save_pretrained(out_dir)
     if checkpoint.parameters is not None:
