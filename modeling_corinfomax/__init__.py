@@ -46,12 +46,14 @@ for _architecture in timm.list_models(module="resnet"):
 
 
 def _push_model(model, repo_id: str, **kwargs):
-    """`model.push_to_hub` with our card and files (`export.push_model`; imported when first used)."""
+    """`model.push_to_hub` with our card and files: `export.push_model`, imported when first used (the
+    publishing code pulls in the Hub client's card and upload modules, which training does not need)."""
     from .export import push_model  # noqa: PLC0415
 
     return push_model(model, repo_id, **kwargs)
 
 
+# The model file travels as remote code and cannot import the publishing code: the package hands it over.
 CorInfoMaxPreTrainedModel.hub_pusher = staticmethod(_push_model)
 
 __all__ = [

@@ -2,9 +2,10 @@
 
 CorInfoMaxError          any problem the user can fix; the message names the fix
 ├── ConfigurationError   settings that do not fit together or do not fit the machine
-├── DataError            a dataset that cannot serve (also `ValueError`, as it always was)
-└── CheckpointError      an output folder or checkpoint that cannot be used or written
-    └── TrainingFault    a numerical fault that ended a run (its last good step is checkpointed)
+├── DataError            a dataset that cannot serve (also a `ValueError`)
+├── CheckpointError      an output folder or checkpoint that cannot be used or written
+├── TrainingFault        a numerical fault that ended a run (its last good step is checkpointed)
+└── PublishError         an upload refused or failed (also a `RuntimeError`); the saved model is intact
 
 Interrupted, a `KeyboardInterrupt` (so that no `except Exception` on the way swallows it): a second stop
 signal ends the run at once, without saving.
@@ -29,9 +30,13 @@ class CheckpointError(CorInfoMaxError):
     """An output folder or checkpoint that cannot be used, or a save that failed."""
 
 
-class TrainingFault(CheckpointError):
+class TrainingFault(CorInfoMaxError):
     """A numerical fault that ended a run after its last good step was checkpointed; the message holds
     the advice."""
+
+
+class PublishError(CorInfoMaxError, RuntimeError):
+    """A model that could not be published (a token in a file, a failed upload); nothing saved is lost."""
 
 
 class Interrupted(KeyboardInterrupt):

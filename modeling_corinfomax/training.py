@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from timm.optim import create_optimizer_v2
 
-from .data import BatchViewAugment, TwoViewAugmentation
+from .data import BatchViewAugment, TwoViewAugmentation, derive_seed
 from .errors import Interrupted
 from .loss import CorInfoMaxNumericalError
 
@@ -255,7 +255,7 @@ class TwoViews:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, 3, H, W) crops -> the two normalised float views of optimisation step `step`."""
         key = (self.seed, step, self.process_index) + ((micro_batch,) if micro_batch else ())
-        self.generator.manual_seed(hash(key) & 0x7FFFFFFF)
+        self.generator.manual_seed(derive_seed(*key))  # the same on every Python, unlike hash()
         return (
             self.augment[0](view1, self.generator, self.memory_format),
             self.augment[1](view2, self.generator, self.memory_format),

@@ -1,5 +1,6 @@
-"""The one way to reach the model under the training wrappers (DDP, `torch.compile`, Accelerate's
-mixed-precision forward) and the `CorInfoMaxModel` (backbone + projector) inside any of our heads."""
+"""The one way to reach the model under the training wrappers (DDP / DataParallel and `torch.compile`, as
+Accelerate's `extract_model_from_parallel` removes them) and the `CorInfoMaxModel` (backbone + projector)
+inside any of our heads."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def test_backbone_only_file(converter, tmp_path):
     assert ours.config.alpha == 500 and ours.config.projector_dims == [32, 8]
 
 
-def test_refuses_pickles_and_unknown_layouts(converter, tmp_path, capsys):
+def test_refuses_pickles_and_unknown_layouts(converter, tmp_path):
     pickled = tmp_path / "pickled.pth"
     torch.save({"model_state_dict": {}, "args": argparse.Namespace(lr=0.5)}, pickled)
     with pytest.raises(converter.ConversionError, match=r"weights_only=True"):
@@ -152,8 +152,8 @@ def test_refuses_pickles_and_unknown_layouts(converter, tmp_path, capsys):
 
     unknown = tmp_path / "unknown.pth"
     torch.save({"encoder.weight": torch.zeros(2, 2)}, unknown)
-    assert converter.main([str(unknown), str(tmp_path / "out")]) == 2
-    assert "is not an official CorInfoMax checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^error: .* is not an official CorInfoMax checkpoint"):
+        converter.main([str(unknown), str(tmp_path / "out")])
 
     net = official_model("resnet18", cifar_stem=True, dims=[16, 8], batchnorm=False)
     full = tmp_path / "full.pth"

@@ -13,6 +13,7 @@ from datasets import load_dataset
 from torchvision.transforms import v2
 from transformers import AutoModel
 
+from modeling_corinfomax.errors import ConfigurationError
 from modeling_corinfomax.evaluation import knn_accuracy, linear_probe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ def test_the_step_protocol_and_the_global_batch_reach_linear_eval(pretrained, tm
 def test_the_global_batch_is_split_over_processes():
     assert eval_script.per_process_batch_size(256, 1) == 256
     assert eval_script.per_process_batch_size(256, 8) == 32  # the official ImageNet-100 split
-    with pytest.raises(SystemExit, match="does not split over 3 processes"):
+    with pytest.raises(ConfigurationError, match="does not split over 3 processes: pass a multiple of 3"):
         eval_script.per_process_batch_size(256, 3)
 
 

@@ -555,9 +555,13 @@ def interrupted(tmp_path_factory) -> dict:
     with start(resume=True) as run:  # 3: SIGTERM to the process group: the worker must not die first
         first = newest_step(out)
         run.wait_until(lambda: newest_step(out) > first, f"a checkpoint after step {first}")
-        # Meanwhile a second run on the same folder is refused at once, naming the running one.
+        # Meanwhile a second run on the same folder is refused at once, naming the running one. The running
+        # one is held still (SIGSTOP: alive, holding its lock) while the second starts, which takes seconds
+        # on a loaded machine: running on, it could pass step 12 before the SIGTERM below.
+        run.send(signal.SIGSTOP)
         second = run_train([*KILLED, "--resume_from_checkpoint", "latest", "--output_dir", str(out)])
         report["second_run"], report["running_pid"] = (second.returncode, second.stderr), run.proc.pid
+        run.send(signal.SIGCONT)
         run.send(signal.SIGTERM)
         report["sigterm_returncode"], report["sigterm_output"] = run.finish()
     report["stopped_at"] = newest_step(out)

@@ -598,4 +598,6 @@ def test_the_remote_code_files_import_nothing_of_the_package_beyond_each_other()
             elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
                 raise AssertionError(f"{name} imports a module by name")
     pusher = modeling_corinfomax.CorInfoMaxPreTrainedModel.hub_pusher
-    assert pusher is not None and push_model.__module__ == "modeling_corinfomax.export.publishing"
+    assert (
+        pusher is not None and "push_model" in pusher.__doc__ and push_model.__module__.endswith("publishing")
+    )

@@ -86,6 +86,39 @@ def test_report_to_takes_every_accelerate_tracker_and_checks_it_is_installed():
         train.parse_args(["--report_to", f"tensorboard,{missing}"])
 
 
+def test_a_resolution_the_backbone_cannot_take_raises_the_configuration_error_naming_the_fix():
+    from modeling_corinfomax.errors import ConfigurationError  # noqa: PLC0415
+
+    # Found with the data, after the flags: an exception for the caller (not an exit), which main reports.
+    args = train.parse_args(["--backbone", "vit_tiny_patch16_224", "--train_dir", "unused"])
+    with pytest.raises(ConfigurationError, match="cannot take 32x32 images .*Use a larger --image_size"):
+        train_args.set_image_size(args, 32)
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune", "push", "convert_official"])
+def test_every_command_ends_a_problem_the_user_can_fix_in_one_error_line(command, tmp_path, monkeypatch):
+    """A `CorInfoMaxError` raised below a command's main (a missing column or checkpoint) ends it with one
+    `error:` line that names the fix, not a traceback."""
+    import importlib  # noqa: PLC0415
+
+    module = importlib.import_module(f"modeling_corinfomax.cli.{command}")
+    column = ["--model_name_or_path", "m", "--image_column", "pixels", "--cache_dir", str(tmp_path)]
+    no_column = "--image_column 'pixels' is not a column"
+    argv, fix = {
+        "eval": (column, no_column),
+        "finetune": ([*column, "--output_dir", str(tmp_path / "out")], no_column),
+        "push": ([str(tmp_path / "none"), "--repo_id", "org/m"], "pass a save_pretrained folder"),
+        "convert_official": ([str(tmp_path / "none.pth"), str(tmp_path / "out")], "pass an official .pth"),
+    }[command]
+    if command == "finetune":  # HfArgumentParser reads sys.argv, as in the HF examples
+        monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
+        argv = None
+    with pytest.raises(SystemExit) as raised:
+        module.main() if argv is None else module.main(argv)
+    message = str(raised.value)
+    assert message.startswith("error: ") and fix in message and "\n" not in message
+
+
 def test_unknown_preset_is_refused_in_one_line():
     with pytest.raises(SystemExit) as raised:
         train.parse_args(["--preset", "cifar11"])

@@ -36,7 +36,8 @@ import torchvision
 from torch import nn
 
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxForPreTraining
-from modeling_corinfomax.cli.flags import HelpFormatter
+from modeling_corinfomax.cli.flags import HelpFormatter, exits_on_error
+from modeling_corinfomax.errors import CheckpointError
 from modeling_corinfomax.modeling_corinfomax import build_projector
 from modeling_corinfomax.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 from modeling_corinfomax.reporting import TRAINING_ARGS_NAME
@@ -78,7 +79,7 @@ REFUSED = (
 )
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError, ValueError):
     """The file is not an official CorInfoMax checkpoint this converter understands."""
 
 
@@ -98,7 +99,7 @@ def load_official(path: str | Path) -> OfficialCheckpoint:
     """Read an official checkpoint (full dict or backbone-only) with `torch.load(weights_only=True)`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass an official .pth checkpoint.")
+        raise CheckpointError(f"{path} does not exist; pass an official .pth checkpoint.")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (every refusal gets the same explanation)
@@ -337,7 +338,7 @@ def convert(
     """
     path, out_dir = Path(path), Path(out_dir)
     if (out_dir / "config.json").exists():
-        raise FileExistsError(f"{out_dir} already holds a model; choose an empty output folder.")
+        raise CheckpointError(f"{out_dir} already holds a model; choose an empty output folder.")
     checkpoint = load_official(path)
     config, sources = resolve_config(checkpoint, dict(overrides or {}))
 
@@ -409,14 +410,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     args = vars(parse_args(argv))
     path, out_dir = args.pop("checkpoint"), args.pop("out_dir")
-    try:
-        report = convert(path, out_dir, args)
-    except (ConversionError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = convert(path, out_dir, args)
     print(json.dumps(report, indent=2))
     for note in report["notes"]:
         print(f"note: {note}", file=sys.stderr)

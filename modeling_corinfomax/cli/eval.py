@@ -46,7 +46,7 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.utils import cached_file, extract_commit_hash
 
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
-from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter
+from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter, exits_on_error
 from modeling_corinfomax.data import (
     ExampleCollator,
     ImageViewDataset,
@@ -56,7 +56,7 @@ from modeling_corinfomax.data import (
     labelled_rows,
     load_labelled_splits,
 )
-from modeling_corinfomax.errors import CorInfoMaxError, error_message
+from modeling_corinfomax.errors import ConfigurationError
 from modeling_corinfomax.evaluation import (
     BUNDLED_DATASET_NAME,
     KNN_K,
@@ -217,8 +217,8 @@ def apply_preset(args: argparse.Namespace) -> None:
 def per_process_batch_size(total_batch_size: int, num_processes: int) -> int:
     """Each process's share of the global batch; refuses a total the processes cannot split evenly."""
     if total_batch_size % num_processes:
-        raise SystemExit(
-            f"eval.py: --total_batch_size {total_batch_size} does not split over {num_processes} processes: "
+        raise ConfigurationError(
+            f"--total_batch_size {total_batch_size} does not split over {num_processes} processes: "
             f"pass a multiple of {num_processes} (e.g. {num_processes * max(1, total_batch_size // num_processes)})."
         )
     return total_batch_size // num_processes
@@ -298,20 +298,17 @@ class EvalData(NamedTuple):
 
 
 def load_data(args) -> EvalData:
-    """Both labelled splits (`--max_*_samples` applied), or a one-line exit naming the problem."""
-    try:
-        train, validation, validation_split, image_column, label_column, names = load_labelled_splits(
-            args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split,
-            args.validation_split, args.validation_dir, args.cache_dir, args.image_column, args.label_column,
-        )  # fmt: skip
-        train, train_labels, train_rows = labelled_rows(
-            train, args.train_split, label_column, names, args.max_train_samples, args.seed
-        )
-        validation, eval_labels, eval_rows = labelled_rows(
-            validation, validation_split, label_column, names, args.max_eval_samples, args.seed
-        )
-    except CorInfoMaxError as error:
-        raise SystemExit(f"eval.py: {error_message(error)}") from None
+    """Both labelled splits (`--max_*_samples` applied); a `DataError` names what does not fit."""
+    train, validation, validation_split, image_column, label_column, names = load_labelled_splits(
+        args.dataset_name, args.dataset_config_name, args.train_dir, args.train_split,
+        args.validation_split, args.validation_dir, args.cache_dir, args.image_column, args.label_column,
+    )  # fmt: skip
+    train, train_labels, train_rows = labelled_rows(
+        train, args.train_split, label_column, names, args.max_train_samples, args.seed
+    )
+    validation, eval_labels, eval_rows = labelled_rows(
+        validation, validation_split, label_column, names, args.max_eval_samples, args.seed
+    )
     record = {
         "name": args.dataset_name or args.validation_dir or args.train_dir or BUNDLED_DATASET_NAME,
         "config": args.dataset_config_name,
@@ -429,6 +426,7 @@ def linear_protocol(args, model, loader, features_or_none, num_classes, accelera
     }
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator()

@@ -41,12 +41,13 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
+from modeling_corinfomax.cli.flags import exits_on_error
 from modeling_corinfomax.data import (
     labelled_rows,
     load_labelled_splits,
     to_rgb,
 )
-from modeling_corinfomax.errors import CorInfoMaxError, error_message
+from modeling_corinfomax.errors import ConfigurationError
 from modeling_corinfomax.evaluation import (
     BUNDLED_DATASET_NAME,
     check_eval_results,
@@ -185,16 +186,13 @@ def setup_logging(training_args) -> None:
 def labelled_splits(data_args, training_args):
     """The train and evaluation splits with checked `labels` (`--train_fraction` and `--max_*_samples`
     applied), their image column, the class names and the dataset record of the results."""
-    try:
-        train, validation, validation_split, image_column, label_column, names = load_labelled_splits(
-            data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.train_split,
-            data_args.validation_split, data_args.validation_dir, data_args.cache_dir, data_args.image_column,
-            data_args.label_column,
-        )  # fmt: skip
-        train = with_labels(train, data_args.train_split, image_column, label_column, names)
-        validation = with_labels(validation, validation_split, image_column, label_column, names)
-    except CorInfoMaxError as error:
-        raise SystemExit(f"finetune.py: {error_message(error)}") from None
+    train, validation, validation_split, image_column, label_column, names = load_labelled_splits(
+        data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.train_split,
+        data_args.validation_split, data_args.validation_dir, data_args.cache_dir, data_args.image_column,
+        data_args.label_column,
+    )  # fmt: skip
+    train = with_labels(train, data_args.train_split, image_column, label_column, names)
+    validation = with_labels(validation, validation_split, image_column, label_column, names)
     if names is None:
         names = [str(i) for i in range(max(train["labels"] + validation["labels"]) + 1)]
     if data_args.train_fraction is not None:
@@ -257,6 +255,7 @@ def record_results(trainer, metrics, model_args, data_args, training_args, num_t
     )
 
 
+@exits_on_error
 def main():
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -336,8 +335,8 @@ def load_model(model_args, names: list[str]):
     )
     if model_args.freeze_backbone:
         if not hasattr(model, "set_freeze_backbone"):
-            raise SystemExit(
-                f"finetune.py: --freeze_backbone needs a CorInfoMax checkpoint; {type(model).__name__} has no "
+            raise ConfigurationError(
+                f"--freeze_backbone needs a CorInfoMax checkpoint; {type(model).__name__} has no "
                 "set_freeze_backbone. Drop the flag to fine-tune the whole model."
             )
         model.set_freeze_backbone(True)

@@ -1,8 +1,17 @@
-"""What every command's flags share: one negation style, defaults in `--help`, one-line errors."""
+"""What every command shares: one negation style, defaults in `--help`, and one-line `error:` exits for a
+bad flag (`OneLineErrorParser`) and for a problem found while running (`exits_on_error`)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from modeling_corinfomax.errors import CorInfoMaxError, Interrupted, error_message
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class BooleanFlag(argparse.BooleanOptionalAction):
@@ -27,3 +36,25 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and each flag's default after its help."""
+
+
+def exits_on_error(main: Callable[P, R]) -> Callable[P, R]:
+    """Wrap a command's `main` so that a problem the user can fix (a `CorInfoMaxError`, also one re-raised
+    from a DataLoader worker) or a second stop signal (`Interrupted`) ends it with one `error: ...` line and
+    exit status 1, instead of a traceback. Other exceptions (bugs) keep theirs.
+
+        @exits_on_error
+        def main(argv: list[str] | None = None) -> dict: ...
+    """
+
+    @functools.wraps(main)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return main(*args, **kwargs)
+        except (CorInfoMaxError, Interrupted) as error:
+            message = error_message(error)
+        # Raised outside the handler, so that the error's traceback (and a failed DataLoader it holds, with
+        # its workers) is freed now rather than kept alive by the exit.
+        raise SystemExit(f"error: {message}")
+
+    return run

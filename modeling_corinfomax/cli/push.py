@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter
+from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter, exits_on_error
+from modeling_corinfomax.errors import CheckpointError
 from modeling_corinfomax.export import publish
 
 
@@ -52,14 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not os.path.isdir(args.checkpoint):
-        print(
-            f"error: checkpoint {args.checkpoint!r} is not a folder; pass a save_pretrained folder.",
-            file=sys.stderr,
+        raise CheckpointError(
+            f"checkpoint {args.checkpoint!r} is not a folder; pass a save_pretrained folder."
         )
-        return 2
     result = publish(
         args.checkpoint,
         args.repo_id,

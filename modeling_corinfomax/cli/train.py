@@ -36,10 +36,17 @@ from tqdm.auto import tqdm
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax import CorInfoMaxForPreTraining
 from modeling_corinfomax.checkpointing import CheckpointSaver, RunLock, write_atomically
+from modeling_corinfomax.cli.flags import exits_on_error
 from modeling_corinfomax.cli.train_args import parse_args, set_image_size
 from modeling_corinfomax.cli.train_data import build_dataloaders
 from modeling_corinfomax.data import InMemoryEvalDataset
-from modeling_corinfomax.errors import CorInfoMaxError, DataError, Interrupted, error_message
+from modeling_corinfomax.errors import (
+    CheckpointError,
+    ConfigurationError,
+    CorInfoMaxError,
+    DataError,
+    PublishError,
+)
 from modeling_corinfomax.hardware import (
     choose_cpu_threads,
     choose_mixed_precision,
@@ -76,16 +83,11 @@ from modeling_corinfomax.wrappers import unwrap
 logger = logging.getLogger("corinfomax.train")
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> dict | None:
     """Run `pretrain`; a problem the user can fix (a `CorInfoMaxError`: the data, a setting, the output
-    folder), also one found mid-run in a DataLoader worker, ends it with one line."""
-    try:
-        return pretrain(argv)
-    except (CorInfoMaxError, Interrupted) as error:
-        message = error_message(error)
-    # Raised outside the handler, so that the failed DataLoader (its traceback holds it) is freed now and
-    # ends its workers.
-    raise SystemExit(f"error: {message}")
+    folder, also one found mid-run in a DataLoader worker) ends it with one `error:` line."""
+    return pretrain(argv)
 
 
 # ----------------------------------------------------------------------------------------- the training run
@@ -175,11 +177,19 @@ def save_interrupted(saver: CheckpointSaver, model, state: TrainerState, signum:
 
 
 def push(args, project: Path) -> None:
-    """`--push_to_hub`: the saved folder, its card and the timm-format export, to `--hub_model_id`."""
+    """`--push_to_hub`: the saved folder, its card and the timm-format export, to `--hub_model_id`. A
+    failure after training loses nothing: the message says how to publish the saved folder again."""
     from modeling_corinfomax.export import publish  # noqa: PLC0415
 
     token = args.hub_token or os.environ.get("HF_TOKEN")
-    publish(project, repo_id=args.hub_model_id, token=token, private=args.hub_private_repo)
+    try:
+        publish(project, repo_id=args.hub_model_id, token=token, private=args.hub_private_repo)
+    except (CorInfoMaxError, OSError, ValueError, RuntimeError) as error:
+        raise PublishError(
+            f"could not publish {project} to {args.hub_model_id} ({type(error).__name__}: {error}). The trained "
+            f"model is saved in {project}: publish it with `corinfomax-push {project} --repo_id "
+            f"{args.hub_model_id}` once the cause is fixed."
+        ) from error
 
 
 def finish(accelerator: Accelerator, lock: RunLock | None, results: dict | None) -> dict | None:
@@ -194,8 +204,8 @@ def check_resume(args, project: Path, saver: CheckpointSaver) -> None:
     """A fresh run refuses a folder that holds another run's checkpoints; a resumed one keeps its image size."""
     if args.resume_from_checkpoint is None and saver.latest() is not None:
         # A fresh run would mix its checkpoints with these, and a later 'latest' could pick the old run's.
-        raise SystemExit(
-            f"error: --output_dir {project} holds checkpoints of an earlier run: pass --resume_from_checkpoint "
+        raise CheckpointError(
+            f"--output_dir {project} holds checkpoints of an earlier run: pass --resume_from_checkpoint "
             f"latest to continue it, or start afresh in another --output_dir (or delete {project / 'checkpoints'})."
         )
     if args.resume_from_checkpoint and args.image_size is None:
@@ -266,7 +276,7 @@ def hold_output_dir(project: Path, accelerator: Accelerator) -> RunLock | None:
     if accelerator.num_processes > 1:
         broadcast_object_list(refusal)
     if refusal[0] is not None:
-        raise SystemExit(f"error: {refusal[0]}")
+        raise CheckpointError(refusal[0])
     return lock
 
 
@@ -310,13 +320,13 @@ def process_group() -> PartialState:
     try:
         state = PartialState(cpu=expected_device().type == "cpu")
     except (RuntimeError, ValueError, OSError) as error:  # no rendezvous address, a peer that never came...
-        raise SystemExit(
-            f"error: the launcher started {launched} processes but they could not form one group ({error}); "
+        raise ConfigurationError(
+            f"the launcher started {launched} processes but they could not form one group ({error}); "
             f"launch several processes with {MULTI_PROCESS_CPU_LAUNCH}."
         ) from None
     if state.num_processes != launched:
-        raise SystemExit(
-            f"error: the launcher started {launched} processes but Accelerate formed a group of "
+        raise ConfigurationError(
+            f"the launcher started {launched} processes but Accelerate formed a group of "
             f"{state.num_processes} ({state.distributed_type}); launch several processes with "
             f"{MULTI_PROCESS_CPU_LAUNCH}."
         )

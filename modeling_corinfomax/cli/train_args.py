@@ -18,8 +18,9 @@ from accelerate.utils import LoggerType
 
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxModel
 from modeling_corinfomax.cli.flags import BooleanFlag, OneLineErrorParser
-from modeling_corinfomax.data import PHOTO_RESOLUTION, DataError, TwoViewAugmentation, min_resolution
+from modeling_corinfomax.data import PHOTO_RESOLUTION, TwoViewAugmentation, min_resolution
 from modeling_corinfomax.data.resolution import SAMPLE_SIZE
+from modeling_corinfomax.errors import ConfigurationError, DataError
 from modeling_corinfomax.presets import BUNDLED_DEMO, DEFAULTS, PRESETS
 
 DESCRIPTION = """Pretrain a CorInfoMax image encoder with Accelerate on a `datasets` image corpus.
@@ -457,10 +458,11 @@ def check_combinations(args: argparse.Namespace, fail) -> None:
 
 
 def set_image_size(args: argparse.Namespace, image_size: int) -> None:
-    """Set the resolution chosen from the data (`--image_size` was not given) and check the backbone takes it."""
+    """Set the resolution chosen from the data (`--image_size` was not given) and check the backbone takes it;
+    a backbone that cannot take it raises `ConfigurationError` (found after the flags, with the data)."""
 
     def fail(message: str):
-        raise SystemExit(f"error: {message}")
+        raise ConfigurationError(message)
 
     args.image_size = args.model_config.image_size = image_size
     check_backbone_accepts_image_size(args.model_config, fail)

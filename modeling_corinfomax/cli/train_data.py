@@ -280,7 +280,8 @@ def resolve_batch_sizes(args, accelerator, dataset_size: int | None) -> None:
         if args.total_batch_size % divisor:
             raise ConfigurationError(
                 f"--total_batch_size {args.total_batch_size} is not divisible by "
-                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps."
+                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation steps: "
+                f"pass a multiple of {divisor}, or set --per_device_train_batch_size."
             )
         args.per_device_train_batch_size = args.total_batch_size // divisor
     if args.per_device_train_batch_size < 2:

@@ -17,6 +17,7 @@ Every random draw is a function of `(seed, epoch, sample index)`, `(seed, epoch,
 `(seed, step, rank)`, so an interrupted and resumed run sees exactly the same views.
 """
 
+from ..errors import DataError
 from .augmentation import (
     BatchViewAugment,
     TwoViewAugmentation,
@@ -58,10 +59,8 @@ from .resolution import (
 from .sources import (
     BUNDLED_DATA_DIR,
     FASHION_MNIST_DIR,
-    DataError,
     class_indices,
     class_names,
-    data_error_message,
     label_names,
     load_image_dataset,
     read_idx,
@@ -97,7 +96,6 @@ __all__ = [
     "class_indices",
     "class_names",
     "crop_view",
-    "data_error_message",
     "decode_image",
     "decode_image_tensor",
     "decode_split",

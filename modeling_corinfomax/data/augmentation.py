@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DataError
 from .colour import grayscale, hsv_to_rgb, rgb_to_hsv
 from .geometry import CROP_RATIO, batched_resized_crop, crop_view, sample_crop_boxes
-from .sources import DataError
 
 
 def derive_seed(*parts: int) -> int:

@@ -18,10 +18,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..errors import DataError
 from .augmentation import TwoViewAugmentation, derive_seed, normalize_batch
 from .decoding import decode_image_tensor
 from .geometry import eval_view
-from .sources import DataError, undecoded_columns
+from .sources import undecoded_columns
 
 MODES = ("two_view", "eval", "decode")
 

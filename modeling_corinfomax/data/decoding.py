@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from .sources import DataError
+from ..errors import DataError
 
 
 def open_image(value: Any) -> Image.Image:

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import DataError
 from .decoding import open_image
-from .sources import DataError, undecoded_columns
+from .sources import undecoded_columns
 
 SAMPLE_SIZE = 64
 PHOTO_RESOLUTION = 224

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, error_message
+from ..errors import DataError
 
 # Package data (see pyproject.toml): the no-argument run works from an installed wheel, offline.
 BUNDLED_DATA_DIR = Path(__file__).resolve().parents[1] / "demo_data" / "fashion_mnist"
@@ -23,11 +23,6 @@ def read_idx(path: str | Path) -> np.ndarray:
     raw = gzip.open(path).read()
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(raw[3])]
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
-
-
-def data_error_message(error: DataError) -> str:
-    """The one-line message of a `DataError`, also of one raised in a DataLoader worker."""
-    return error_message(error)
 
 
 def load_image_dataset(

@@ -20,7 +20,6 @@ from .timm_format import (
     load_saved_model,
     timm_architecture,
     timm_data_config,
-    unwrap_corinfomax,
 )
 
 __all__ = [
@@ -36,6 +35,5 @@ __all__ = [
     "push_model",
     "timm_architecture",
     "timm_data_config",
-    "unwrap_corinfomax",
     "write_model_folder",
 ]

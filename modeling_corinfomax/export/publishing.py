@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from huggingface_hub import CommitInfo, HfApi, get_token
 
+from ..errors import ConfigurationError, PublishError
 from ..reporting import EVAL_RESULTS_NAME, TRAINING_ARGS_NAME
 from .cards import build_backbone_card, build_model_card, card_context
 from .common import BACKBONE_REPO_SUFFIX, DEFAULT_LICENSE, hub_url
@@ -106,7 +107,7 @@ def assert_no_secret(folders: list[Path], secret: str | None) -> None:
     for folder in folders:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             if needle in path.read_bytes():
-                raise RuntimeError(
+                raise PublishError(
                     f"{path} contains the Hub token; refusing to upload it. Remove the token from the "
                     "checkpoint's files (training_args.json, ...) and publish again."
                 )
@@ -114,7 +115,7 @@ def assert_no_secret(folders: list[Path], secret: str | None) -> None:
 
 def _validate_repo_id(repo_id: str, flag: str) -> None:
     if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise ValueError(f"{flag}={repo_id!r} is not a Hub repo id: use 'org/name' (or 'user/name').")
+        raise ConfigurationError(f"{flag}={repo_id!r} is not a Hub repo id: use 'org/name' (or 'user/name').")
 
 
 def publish(
@@ -152,7 +153,7 @@ def publish(
     _validate_repo_id(repo_id, "repo_id")
     _validate_repo_id(backbone_repo_id, "backbone_repo_id")
     if backbone_repo_id == repo_id:
-        raise ValueError(
+        raise ConfigurationError(
             f"backbone_repo_id must differ from repo_id ({repo_id!r}): both artifacts have a config.json. "
             f"Leave it unset for {repo_id + BACKBONE_REPO_SUFFIX!r}."
         )

@@ -28,10 +28,6 @@ _HEADS = {
 }
 
 
-# The name the export code used before `wrappers.corinfomax_encoder` served every module.
-unwrap_corinfomax = corinfomax_encoder
-
-
 def timm_architecture(config: CorInfoMaxConfig) -> str:
     """The timm architecture name of the backbone: `config.backbone`, or `<backbone>_cifar_stem`."""
     if not config.cifar_stem:
