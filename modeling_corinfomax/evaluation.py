@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import ConfigurationError
 from .reporting import EVAL_RESULTS_NAME
 from .wrappers import unwrap
 
@@ -558,7 +559,7 @@ def check_eval_results(output_dir: str | Path, dataset: Mapping[str, Any]) -> No
         return
     existing = json.loads(path.read_text()).get("dataset")
     if existing and not _same_dataset(existing, dataset):
-        raise ValueError(
+        raise ConfigurationError(
             f"{path} holds results on dataset {dict(existing)} and this run evaluates on {dict(dataset)}; "
             "merging them would mislabel the results. Pick another --output_dir, or delete the file."
         )
