@@ -38,7 +38,7 @@ from modeling_corinfomax import CorInfoMaxForPreTraining
 from modeling_corinfomax.checkpointing import CheckpointSaver, RunLock, write_atomically
 from modeling_corinfomax.cli.flags import exits_on_error
 from modeling_corinfomax.cli.train_args import parse_args, set_image_size
-from modeling_corinfomax.cli.train_data import build_dataloaders
+from modeling_corinfomax.cli.train_data import build_dataloaders, run_length
 from modeling_corinfomax.data import InMemoryEvalDataset
 from modeling_corinfomax.errors import (
     CheckpointError,
@@ -75,7 +75,6 @@ from modeling_corinfomax.training import (
     checked_forward,
     make_optimizer,
     peak_learning_rate,
-    planned_steps,
     undo_forward,
 )
 from modeling_corinfomax.wrappers import unwrap
@@ -375,22 +374,6 @@ def make_accelerator(args, project: Path) -> Accelerator:
             accelerator.num_processes,
         )
     return accelerator
-
-
-def run_length(args, steps_per_epoch: int | None) -> int | None:
-    """The planned number of steps (`training.planned_steps` of the flags); None: a time budget sizes it."""
-    epochs_given = (
-        "num_train_epochs" in args.explicit or args.bundled_demo
-    )  # the demo's epochs cap its budget
-    budget = bool(args.time_budget_minutes)
-    return planned_steps(
-        args.max_train_steps,
-        args.num_train_epochs,
-        epochs_given,
-        steps_per_epoch,
-        budget,
-        args.min_train_steps,
-    )
 
 
 def write_training_args(args, accelerator, project: Path) -> None:

@@ -149,17 +149,33 @@ def fit_resolution_to_budget(args, accelerator, started: float) -> None:
         )  # fmt: skip
 
 
+def epochs_given(args) -> bool:
+    """Whether the run's epochs were chosen: by the user, or by the bundled demo's recipe (its epochs cap its
+    budget)."""
+    return "num_train_epochs" in args.explicit or args.bundled_demo
+
+
+def run_length(args, steps_per_epoch: int | None) -> int | None:
+    """The planned number of steps (`training.planned_steps` of the flags); None: a time budget sizes it."""
+    return planned_steps(
+        args.max_train_steps,
+        args.num_train_epochs,
+        epochs_given(args),
+        steps_per_epoch,
+        bool(args.time_budget_minutes),
+        args.min_train_steps,
+    )
+
+
 def fit_resolution_to_cpu(args, accelerator, images: int | None) -> None:
     """The first-run rule on a CPU: when neither the resolution nor the run's length nor a time budget was
     given, a resolution taken from the data whose planned steps would take more than
     `CPU_FIRST_RUN_MINUTES` here is lowered until they fit (`lower_resolution`)."""
-    length_given = args.max_train_steps or "num_train_epochs" in args.explicit or args.bundled_demo
-    if accelerator.device.type != "cpu" or args.time_budget_minutes or length_given or images is None:
+    if accelerator.device.type != "cpu" or args.time_budget_minutes or images is None:
         return
-    if args.image_size <= min_resolution(args.cifar_stem):
+    if args.max_train_steps or epochs_given(args) or args.image_size <= min_resolution(args.cifar_stem):
         return
-    per_epoch = max(1, images // args.total_batch_size)
-    planned = planned_steps(None, args.num_train_epochs, False, per_epoch, False, args.min_train_steps)
+    planned = run_length(args, max(1, images // args.total_batch_size))
     timed = lower_resolution(args, accelerator, CPU_FIRST_RUN_MINUTES * 60, planned)
     if timed:
         (size, step_time, _), (chosen, chosen_time, _) = timed[0], timed[-1]
