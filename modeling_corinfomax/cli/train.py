@@ -388,13 +388,13 @@ def write_training_args(args, accelerator, project: Path) -> None:
         accelerator.init_trackers("corinfomax", scalars if accelerator.is_main_process else {})
 
 
-def evaluation_seconds(args, eval_rows, step_time: float) -> float:
+def evaluation_seconds(args, eval_data: EvalData | None, step_time: float) -> float:
     """A rough cost of the final save and evaluation, from the training step's time: each evaluated
     encoder (the model, and the random-init baseline) runs a forward over the bank and the test split in
     fp32, about a sixth of a two-view training step per image; the probes take a few seconds each."""
     seconds = 10.0  # save, figure, results
-    if eval_rows is not None and args.do_eval:
-        images = len(eval_rows["train"]) + len(eval_rows["test"])
+    if eval_data is not None and args.do_eval:
+        images = len(eval_data.rows["train"]) + len(eval_data.rows["test"])
         encoders = 2 if args.eval_baselines else 1
         per_image = step_time / (6 * args.per_device_train_batch_size)
         seconds += encoders * images * per_image * (1.5 if args.mixed_precision != "no" else 1.0)
