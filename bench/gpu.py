@@ -32,6 +32,10 @@ Sections, each a table and a key of the JSON (`--output`, default `bench/results
   batched crops of a synthetic in-memory uint8 set: no decoding, so a lower bound for real images),
   against the same step on pre-made crops and on pre-made views; pipeline share = 1 - compute / end
   to end;
+- jpeg: the step fed with real JPEGs decoded every step (bench/jpeg.py's ImageNet-like photos made from
+  `--photos`): host DataLoader workers decoding and cropping per image (train.py's path) against
+  `--decode_on_device` (workers read bytes, the device decodes and crops); loader-only, end-to-end and
+  compute images/s;
 - agreement: the float64 loss and its gradients on CUDA against the CPU on the same tensors, over a
   few steps of the running state. On a CPU run: our Cholesky loss against the official LU formula
   (`torch.logdet`), a second independent computation, and the output says so.
@@ -48,9 +52,11 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -89,6 +95,7 @@ class Sizes:
     prefetch: int  # batches each worker keeps ready
     source_size: int  # side of the synthetic images the crops are cut from
     source_images: int
+    jpeg_images: int  # ImageNet-like JPEGs of the jpeg section
     agreement_dim: int
     agreement_steps: int
 
@@ -108,6 +115,7 @@ FULL = Sizes(
     prefetch=2,
     source_size=256,
     source_images=1024,
+    jpeg_images=1024,
     agreement_dim=512,
     agreement_steps=3,
 )
@@ -126,6 +134,7 @@ TINY = replace(
     prefetch=1,
     source_size=36,
     source_images=64,
+    jpeg_images=24,
 )
 
 # The issue's goals: images/s ratio, % of the GEMM peak, % of the step, relative error.
@@ -360,6 +369,61 @@ def agreement_section(sizes: Sizes, device: torch.device) -> dict:
 COMPARE = {">=": lambda v, t: v >= t, "<": lambda v, t: v < t, "<=": lambda v, t: v <= t}
 
 
+def jpeg_section(sizes: Sizes, device: torch.device, accelerator, photos: Path) -> dict:
+    """Our step fed with real JPEGs decoded every step (bench/jpeg.py's ImageNet-like photos, short side
+    375-500 px): by host workers (train.py's per-image path) against `--decode_on_device` (workers read
+    bytes, the device decodes and crops). Images/s of the loader alone, end to end, and of the compute."""
+    from jpeg import build_jpegs  # noqa: PLC0415
+
+    from modeling_corinfomax.data import (  # noqa: PLC0415
+        ExampleCollator,
+        ImageViewDataset,
+        batch_crops,
+        load_image_dataset,
+    )
+
+    if not any(photos.glob("*.jpg")):
+        return {"skipped": f"no photographs in {photos} (--photos DIR)", "rows": []}
+    _, config, batch, _ = case_setup(sizes.case, sizes.batch, device)
+    root = build_jpegs(Path(tempfile.mkdtemp()) / "jpegs", sizes.jpeg_images, (375, 500), photos)
+    dataset = load_image_dataset(None, None, str(root), "train", False, None)
+    step = our_step("ours", sizes.case, sizes.batch, device, accelerator)
+    before = max(2 * sizes.workers * sizes.prefetch, sizes.warmup)
+    rows, crops = [], None
+    for mode in ("two_view", "jpeg_bytes"):
+        images = ImageViewDataset(dataset, "image", None, config.image_size, mode=mode)
+        batches = 2 + 2 * before + 2 * sizes.repeats * sizes.steps
+        loader = torch.utils.data.DataLoader(
+            images, batch_size=batch, collate_fn=ExampleCollator(), num_workers=sizes.workers,
+            sampler=torch.utils.data.RandomSampler(images, replacement=True, num_samples=batch * batches),
+            prefetch_factor=sizes.prefetch if sizes.workers else None, pin_memory=device.type == "cuda",
+            drop_last=True,
+        )  # fmt: skip
+        iterator = iter(loader)
+        crops = batch_crops(next(iterator), config.image_size, device)
+
+        def load_only() -> None:
+            batch_crops(next(iterator), config.image_size, device)  # noqa: B023
+
+        def end_to_end() -> None:
+            step(*batch_crops(next(iterator), config.image_size, device))  # noqa: B023
+
+        for _ in range(before):  # the workers' stock is used up: the timings show their sustained rate
+            load_only()
+        load_s = median([timed(load_only, sizes.steps, device) for _ in range(sizes.repeats)])
+        for _ in range(before):
+            end_to_end()
+        e2e_s = median([timed(end_to_end, sizes.steps, device) for _ in range(sizes.repeats)])
+        rows.append({"decode": "host workers" if mode == "two_view" else "on the device",
+                     "workers": sizes.workers, "loader img/s": batch / load_s, "e2e img/s": batch / e2e_s})  # fmt: skip
+        iterator = None  # shuts the workers down
+    compute_s = median([timed(lambda: step(*crops), sizes.steps, device) for _ in range(sizes.repeats)])
+    for row in rows:
+        row["compute img/s"] = batch / compute_s
+        row["pipeline share"] = 1 - compute_s / (batch / row["e2e img/s"])
+    return {"images": sizes.jpeg_images, "image_size": config.image_size, "batch_size": batch, "rows": rows}
+
+
 def goals(results: dict) -> list[dict]:
     """Each goal with its measured value and PASS/FAIL (FAIL too when the run could not measure it)."""
     step = results["train_step"]
@@ -425,7 +489,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps per variant (default 3; 1 with --tiny)")
     p.add_argument("--steps", type=int, help="steps per timed repeat (default 5; 1 with --tiny)")
     p.add_argument("--repeats", type=int, help="timed repeats (default 5; 1 with --tiny)")
-    p.add_argument("--workers", type=int, help="DataLoader workers of the pipeline section")
+    p.add_argument("--workers", type=int, help="DataLoader workers of the pipeline and jpeg sections")
+    p.add_argument(
+        "--photos",
+        type=Path,
+        default=Path("/usr/share/backgrounds/mate/nature"),
+        help="photographs (*.jpg) the jpeg section makes its ImageNet-like JPEGs from (Debian's mate-backgrounds)",
+    )
     p.add_argument("--output", help="JSON path (default bench/results/gpu.json, gpu_cpu_smoke.json on a CPU)")
     args = p.parse_args(argv)
     if args.variants and not any(v.startswith("ours") for v in args.variants):
@@ -481,6 +551,12 @@ def print_sections(results: dict, kind: str) -> None:
         title=f"data pipeline: InMemoryTwoViewDataset crops in {pipeline['workers']} worker(s) from "
         f"synthetic uint8 images {pipeline['source_images']}, colour ops on the device",
     )
+    jpeg = results["jpeg"]
+    if jpeg["rows"]:
+        print_table(jpeg["rows"], list(jpeg["rows"][0]), title=f"real JPEGs ({jpeg['images']}, short side 375-500 "
+                    f"px) decoded every step at {jpeg['image_size']} px, batch {jpeg['batch_size']}")  # fmt: skip
+    else:
+        print(f"\njpeg section skipped: {jpeg['skipped']}")
     rows = [
         {"comparison": k, "loss rel. error": v["loss"], "grad rel. error": v["grad"]}
         for k, v in agreement["max_relative_error"].items()
@@ -529,6 +605,7 @@ def main(argv=None) -> None:
     run("flops", lambda: flops_section(sizes, step, device))
     run("loss", lambda: loss_section(sizes, step, device))
     run("pipeline", lambda: pipeline_section(sizes, device, accelerator))
+    run("jpeg", lambda: jpeg_section(sizes, device, accelerator, args.photos))
     run("agreement", lambda: agreement_section(sizes, device))
     results["goals"] = goals(results)
     print_sections(results, kind)

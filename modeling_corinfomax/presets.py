@@ -86,6 +86,7 @@ DEFAULTS: dict = {
     "dataloader_num_workers": None,
     "image_cache": "auto",
     "image_cache_max_gb": 2.0,
+    "decode_on_device": False,
     "sync_bn": False,
     # checkpoints, monitoring, output
     "output_dir": "outputs/corinfomax-demo",

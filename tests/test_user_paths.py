@@ -147,6 +147,24 @@ def test_a_time_budget_sizes_the_run_and_ends_at_the_minimum_lr(image_folder, tm
     assert wall < minutes * 60 + 15, wall  # training, evaluation and saving fit (+ the launcher's start-up)
 
 
+def test_decode_on_device_trains_from_jpeg_bytes_with_workers(tmp_path):
+    # JPEGs of mixed sizes (no image cache) and one PNG that the workers crop themselves, two workers.
+    folder = tmp_path / "jpegs" / "train" / "things"
+    folder.mkdir(parents=True)
+    for i, row in enumerate(bundled_rows(40)):
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize((40 + i, 48))
+        image.save(folder / (f"{i}.png" if i == 3 else f"{i}.jpg"))
+    out = tmp_path / "run"
+    result = launch([], ["--train_dir", str(tmp_path / "jpegs"), "--decode_on_device", "--dataloader_num_workers",
+                         "2", *TINY, "--image_size", "32", "--max_train_steps", "3", "--no-do_eval", "--output_dir",
+                         str(out)], tmp_path)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "--decode_on_device: workers read JPEG bytes; the CPU decodes and crops each batch" in log
+    assert "decoding and cropping per image in 2 worker(s)" in log
+    assert json.loads((out / "eval_results.json").read_text())["global_step"] == 3
+
+
 def test_streaming_with_two_workers_reads_the_whole_stream(parquet_source, tmp_path):
     out = tmp_path / "run"
     result = launch([], ["--dataset_name", str(parquet_source), "--streaming", "--dataloader_num_workers", "2",

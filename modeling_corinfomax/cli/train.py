@@ -39,7 +39,7 @@ from modeling_corinfomax.checkpointing import CheckpointSaver, RunLock, write_at
 from modeling_corinfomax.cli.flags import exits_on_error
 from modeling_corinfomax.cli.train_args import parse_args, set_image_size
 from modeling_corinfomax.cli.train_data import build_dataloaders, run_length
-from modeling_corinfomax.data import InMemoryEvalDataset
+from modeling_corinfomax.data import InMemoryEvalDataset, batch_crops
 from modeling_corinfomax.errors import (
     CheckpointError,
     ConfigurationError,
@@ -455,7 +455,8 @@ def train_one_epoch(
         if not usable(batch, args, accelerator, state):
             continue
         usable_batches += 1
-        view1, view2 = views.make(batch["view1"], batch["view2"], state.global_step, micro_batch)
+        crops = batch_crops(batch, args.image_size, accelerator.device)  # `--decode_on_device` decodes here
+        view1, view2 = views.make(*crops, state.global_step, micro_batch)
         saved = [buffer.clone() for buffer in statistics]  # a faulty forward has updated them
         with accelerator.accumulate(model):
             out, fault = checked_forward(model, view1, view2)
@@ -470,7 +471,7 @@ def train_one_epoch(
             )
             continue
         stopping.consecutive_skips = 0
-        log.images_seen += batch["view1"].shape[0] * accelerator.num_processes
+        log.images_seen += len(batch["index"]) * accelerator.num_processes
         if not accelerator.sync_gradients:
             micro_batch += 1
             continue

@@ -191,6 +191,13 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
         "and crop per image in DataLoader workers, every epoch",
     )
     g.add_argument("--image_cache_max_gb", type=float, help="memory limit of --image_cache, per process")
+    g.add_argument(
+        "--decode_on_device",
+        action=bool_flag,
+        help="per-image path (no image cache): workers only read each JPEG's bytes and header; the training "
+        "device decodes the batch (nvJPEG on a GPU) and cuts both views there. Other formats are decoded "
+        "by the workers as usual. Off by default (bench/jpeg.py measures it)",
+    )
     g.add_argument("--sync_bn", action=bool_flag)
 
 

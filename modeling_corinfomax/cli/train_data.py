@@ -59,7 +59,7 @@ def build_train_loader(args, accelerator, train, image_column: str, workers: int
                         "stream (more would read nothing)", stream_workers)  # fmt: skip
         rows = IterableImageViewDataset(
             shard, augmentation=args.two_view_augmentation, seed=args.seed, stream_id=accelerator.process_index,
-            **common,
+            mode=view_mode(args, accelerator), **common,
         )  # fmt: skip
         no_workers = {} if stream_workers else {"prefetch_factor": None, "worker_init_fn": None}
         kwargs = {**loader_kwargs, **no_workers, "num_workers": stream_workers}
@@ -71,7 +71,10 @@ def build_train_loader(args, accelerator, train, image_column: str, workers: int
     if len(train) >= args.total_batch_size:  # (checked below, before decoding anything)
         rows = decoded_rows(args, train, image_column, workers, accelerator.device)
     if rows is None:
-        rows = ImageViewDataset(train, augmentation=args.two_view_augmentation, seed=args.seed, **common)
+        rows = ImageViewDataset(
+            train, augmentation=args.two_view_augmentation, seed=args.seed, mode=view_mode(args, accelerator),
+            **common,
+        )  # fmt: skip
     if len(rows) < args.total_batch_size:  # (the image cache leaves out unreadable images)
         raise DataError(
             f"the training set has {len(rows)} images, fewer than one global batch of {args.total_batch_size}: "
@@ -88,6 +91,18 @@ def build_train_loader(args, accelerator, train, image_column: str, workers: int
         rows, batch_size=args.per_device_train_batch_size, sampler=sampler, drop_last=True, **loader_kwargs
     )
     return rows, sampler, loader
+
+
+def view_mode(args, accelerator) -> str:
+    """What the per-image workers make: both crops (`two_view`), or with `--decode_on_device` the JPEGs'
+    bytes and boxes for the training device to decode and crop (`jpeg_bytes`)."""
+    if not args.decode_on_device:
+        return "two_view"
+    logger.info("--decode_on_device: workers read JPEG bytes; the %s decodes and crops each batch%s",
+                accelerator.device.type.upper(),
+                " (on a CPU this moves the work into the training process: a benchmark, not a speed-up)"
+                if accelerator.device.type == "cpu" else "")  # fmt: skip
+    return "jpeg_bytes"
 
 
 def build_eval_rows(args, train, image_column: str, label_column: str | None) -> dict | None:

@@ -1,12 +1,14 @@
 """Data for CorInfoMax, one module per pipeline stage: `datasets` loading and columns (`sources`),
-decoding to RGB (`decoding`), crop geometry (`geometry`), the training resolution from the images' sizes
+decoding to RGB (`decoding`; on the training device: `device_decode`), crop geometry (`geometry`), the training resolution from the images' sizes
 (`resolution`), colour operations (`colour`), the paper's
 two-view augmentation (`augmentation`), the PyTorch datasets, collator and sampler (`datasets`) and
 the labelled splits the evaluations use (`splits`).
 
 The pipeline is split so that the expensive part runs batched:
-- decode and crop: either per image in DataLoader workers (decode, convert to RGB, random-resized-crop +
-  flip twice, as uint8 tensors: `ImageViewDataset`), or, for a split of same-size images that fits in
+- decode and crop: either per image in DataLoader workers (both crop boxes drawn from the header, a JPEG
+  decoded at reduced scale where both boxes allow it, random-resized-crop + flip twice, as uint8 tensors:
+  `ImageViewDataset`; with `--decode_on_device` the workers pass the JPEG bytes and boxes and the training
+  device decodes and crops the batch), or, for a split of same-size images that fits in
   memory, decoded once into one uint8 tensor and cropped a whole batch at a time with the same
   antialiased bicubic resampling (`decode_split`, `InMemoryTwoViewDataset`): no per-image work during
   training;
@@ -38,12 +40,16 @@ from .datasets import (
     decode_split,
     split_stream,
 )
-from .decoding import decode_image, decode_image_tensor, to_rgb
+from .decoding import decode_crops, decode_image, decode_image_tensor, open_image, reduction_for, to_rgb
+from .device_decode import batch_crops, decode_views
 from .geometry import (
     CROP_RATIO,
+    CropBox,
+    apply_crop,
     batched_resized_crop,
     centre_crop_box,
     crop_view,
+    draw_crop,
     eval_view,
     random_resized_crop_params,
     resize_weights,
@@ -96,6 +102,14 @@ __all__ = [
     "class_indices",
     "class_names",
     "crop_view",
+    "CropBox",
+    "apply_crop",
+    "batch_crops",
+    "decode_crops",
+    "reduction_for",
+    "decode_views",
+    "draw_crop",
+    "open_image",
     "decode_image",
     "decode_image_tensor",
     "decode_split",

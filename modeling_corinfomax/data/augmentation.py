@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import DataError
 from .colour import grayscale, hsv_to_rgb, rgb_to_hsv
-from .geometry import CROP_RATIO, batched_resized_crop, crop_view, sample_crop_boxes
+from .geometry import CROP_RATIO, CropBox, apply_crop, batched_resized_crop, draw_crop, sample_crop_boxes
 
 
 def derive_seed(*parts: int) -> int:
@@ -77,13 +77,20 @@ class TwoViewAugmentation:
             )
         return cls(**views)
 
+    def draw_crops(self, height: int, width: int, seed: int) -> tuple[CropBox, CropBox]:
+        """Both views' crop boxes and flips for an image of `height` x `width` pixels, drawn from a
+        generator seeded with `seed`, view 1's draws first. Only the image's size is needed, so a file's
+        header decides the boxes before its pixels are decoded (`decoding.decode_for_crops`)."""
+        generator = torch.Generator().manual_seed(seed)
+        view1 = draw_crop(height, width, self.view1.crop_scale, self.view1.flip_p, generator)
+        view2 = draw_crop(height, width, self.view2.crop_scale, self.view2.flip_p, generator)
+        return view1, view2
+
     def crop_views(self, image: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views of one (3, H, W) uint8 image: random resized crop (bicubic, antialiased) to
-        (3, size, size) and flip, drawn from a generator seeded with `seed`, view 1's draws first."""
-        generator = torch.Generator().manual_seed(seed)
-        view1 = crop_view(image, size, self.view1.crop_scale, self.view1.flip_p, generator)
-        view2 = crop_view(image, size, self.view2.crop_scale, self.view2.flip_p, generator)
-        return view1, view2
+        (3, size, size) and flip, the boxes of `draw_crops`."""
+        box1, box2 = self.draw_crops(image.shape[-2], image.shape[-1], seed)
+        return apply_crop(image, box1, size), apply_crop(image, box2, size)
 
     def batched_crop_views(
         self, images: torch.Tensor, size: int, seed: int

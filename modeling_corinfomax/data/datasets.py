@@ -20,11 +20,12 @@ import torch
 
 from ..errors import DataError
 from .augmentation import TwoViewAugmentation, derive_seed, normalize_batch
-from .decoding import decode_image_tensor
+from .decoding import decode_crops, decode_image_tensor, open_image
+from .device_decode import collate_jpegs, crop_example
 from .geometry import eval_view
 from .sources import undecoded_columns
 
-MODES = ("two_view", "eval", "decode")
+MODES = ("two_view", "eval", "decode", "jpeg_bytes")
 
 
 class _RowViews:
@@ -42,7 +43,7 @@ class _RowViews:
         seed: int,
     ):
         if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: use 'two_view', 'eval' or 'decode'.")
+            raise ValueError(f"mode={mode!r}: use one of {MODES}.")
         dataset = undecoded_columns(dataset, image_column, label_column)
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.image_size, self.mode, self.seed, self.epoch = image_size, mode, seed, 0
@@ -56,20 +57,25 @@ class _RowViews:
         two views' crops."""
         cell = row[self.image_column]
         name = cell.get("path") if isinstance(cell, dict) else None
+        label = row.get(self.label_column, -1) if self.label_column else -1
+        example = {"index": index, "labels": -1 if label is None else int(label)}
         try:
-            image = decode_image_tensor(cell)
+            if self.mode == "jpeg_bytes":  # decoded on the training device (`device_decode`)
+                return {"index": example["index"], "labels": example["labels"],
+                        **crop_example(self.augmentation, cell, self.image_size, seed)}  # fmt: skip
+            if self.mode == "two_view":  # the boxes from the header, then a decode sized to them
+                image = open_image(cell)
+                boxes = self.augmentation.draw_crops(image.height, image.width, seed)
+                example["view1"], example["view2"] = decode_crops(cell, image, boxes, self.image_size)
+            else:
+                pixels = decode_image_tensor(cell)
+                example["pixel_values"] = (
+                    eval_view(pixels, self.image_size) if self.mode == "eval" else pixels
+                )
         except Exception as error:  # noqa: BLE001  (reported by the collate function with the row's name)
             return {
                 "error": f"row {index}{' (' + str(name) + ')' if name else ''}: {type(error).__name__}: {error}"
             }
-        label = row.get(self.label_column, -1) if self.label_column else -1
-        example = {"index": index, "labels": -1 if label is None else int(label)}
-        if self.mode == "eval":
-            example["pixel_values"] = eval_view(image, self.image_size)
-        elif self.mode == "decode":
-            example["pixel_values"] = image
-        else:
-            example["view1"], example["view2"] = self.augmentation.crop_views(image, self.image_size, seed)
         return example
 
 
@@ -77,7 +83,9 @@ class ImageViewDataset(_RowViews, torch.utils.data.Dataset):
     """Map-style view of a `datasets.Dataset` that yields dicts of uint8 image tensors.
 
     `mode="two_view"` yields `view1`, `view2` (random crops and flips, which depend only on
-    `(seed, epoch, index)`); `mode="eval"` yields `pixel_values` (resize + centre crop); `mode="decode"`
+    `(seed, epoch, index)`); `mode="jpeg_bytes"` yields a JPEG's bytes and the same crops' boxes, for
+    `device_decode.decode_views` to decode and crop on the training device (other images: their host crops);
+    `mode="eval"` yields `pixel_values` (resize + centre crop); `mode="decode"`
     yields the decoded image as is, in `pixel_values`. Undecodable images become `{"error": ...}`
     examples that `ExampleCollator` reports or skips, so a bad file never surfaces as a bare worker
     traceback. `labels`, when given, are class indices that replace the label column's (see
@@ -151,7 +159,7 @@ class IterableImageViewDataset(_RowViews, torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         dataset = self.dataset
-        if self.mode == "two_view" and self.shuffle_buffer > 1:
+        if self.mode in ("two_view", "jpeg_bytes") and self.shuffle_buffer > 1:
             dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             dataset.set_epoch(self.epoch)
         info = torch.utils.data.get_worker_info()
@@ -178,9 +186,12 @@ class ExampleCollator:
         batch: dict[str, Any] = {"bad_images": bad}
         if not good:
             return batch
-        for key in ("view1", "view2", "pixel_values"):
-            if key in good[0]:
-                batch[key] = torch.stack([e[key] for e in good])
+        if any("jpeg" in e for e in good):  # `--decode_on_device`: `device_decode.decode_views` ends it
+            batch.update(collate_jpegs(good))
+        else:
+            for key in ("view1", "view2", "pixel_values"):
+                if key in good[0]:
+                    batch[key] = torch.stack([e[key] for e in good])
         batch["labels"] = torch.tensor([e["labels"] for e in good], dtype=torch.long)
         batch["index"] = torch.tensor([e["index"] for e in good], dtype=torch.long)
         return batch

@@ -1,10 +1,11 @@
 """Crop geometry: torchvision's RandomResizedCrop and the evaluation resize + centre crop, per image
-(`crop_view`, `eval_view`) and for a whole batch of same-size images at once (`sample_crop_boxes`,
+(`draw_crop` + `apply_crop` = `crop_view`, `eval_view`) and for a whole batch of same-size images at once (`sample_crop_boxes`,
 `batched_resized_crop`: antialiased bicubic resampling as two matrix products)."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torchvision.transforms import InterpolationMode
@@ -43,18 +44,46 @@ def centre_crop_box(height: int, width: int, ratio) -> tuple[int, int, int, int]
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+class CropBox(NamedTuple):
+    """One view's random resized crop of an image: the box in its pixels, and the flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def draw_crop(height: int, width: int, scale, flip_p: float, generator: torch.Generator) -> CropBox:
+    """A random resized crop's box (area fraction in `scale`, RandomResizedCrop's aspect ratios) of an
+    image of `height` x `width` pixels, then its horizontal flip (probability `flip_p`), drawn from
+    `generator` in that order. It needs the image's size only, not its pixels."""
+    top, left, h, w = random_resized_crop_params(height, width, scale, CROP_RATIO, generator)
+    return CropBox(top, left, h, w, torch.rand(1, generator=generator).item() < flip_p)
+
+
+def apply_crop(image: torch.Tensor, box: CropBox, size: int) -> torch.Tensor:
+    """Cut `box` out of a (3, H, W) uint8 image, resize it to `size` x `size` (bicubic, antialiased) and
+    flip it if the box says so."""
+    view = TF.resized_crop(
+        image,
+        box.top,
+        box.left,
+        box.height,
+        box.width,
+        [size, size],
+        InterpolationMode.BICUBIC,
+        antialias=True,
+    )
+    return TF.horizontal_flip(view) if box.flip else view
+
+
 def crop_view(
     image: torch.Tensor, size: int, scale, flip_p: float, generator: torch.Generator
 ) -> torch.Tensor:
     """Random resized crop (area fraction in `scale`, bicubic, antialiased) to `size` x `size`, then a
     horizontal flip with probability `flip_p`, of a (3, H, W) uint8 image; all draws from `generator`."""
-    top, left, h, w = random_resized_crop_params(
-        image.shape[-2], image.shape[-1], scale, CROP_RATIO, generator
-    )
-    view = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
-    if torch.rand(1, generator=generator).item() < flip_p:
-        view = TF.horizontal_flip(view)
-    return view
+    return apply_crop(image, draw_crop(image.shape[-2], image.shape[-1], scale, flip_p, generator), size)
 
 
 def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:
