@@ -126,22 +126,69 @@ def view_differences(paths: list[Path], augmentation, size: int, count: int) -> 
     return result
 
 
-def loader_rate(rows, workers: int, batch: int, collate, passes: int = 1, consume=None) -> float:
-    """Images/s of a DataLoader over `rows` with `workers` workers, after its first batch."""
+def loader_rate(rows, workers: int, batch: int, collate, batches: int = 0, consume=None) -> float:
+    """Images/s of a DataLoader over `rows` with `workers` workers (`batches` batches drawn with
+    replacement, default one pass), after the first `workers` batches (the workers' start-up)."""
+    batches = batches or len(rows) // batch
+    sampler = torch.utils.data.RandomSampler(rows, replacement=True, num_samples=batch * batches)
     loader = torch.utils.data.DataLoader(
-        rows, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate, drop_last=True,
+        rows, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=True,
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )  # fmt: skip
     images, started = 0, None
-    for _ in range(passes):
-        for b in loader:
-            if consume is not None:
-                consume(b)
-            if started is None:
-                started = time.perf_counter()
-                continue
+    for i, b in enumerate(loader):
+        if consume is not None:
+            consume(b)
+        if i == min(workers, batches - 2):
+            started = time.perf_counter()
+        elif started is not None:
             images += batch
     return images / (time.perf_counter() - started)
+
+
+def device_decoding(folder, size: int, workers: int, collate, device: torch.device, batch: int = 256) -> dict:
+    """`--decode_on_device`: the workers' part alone (bytes + boxes), the whole path (workers, then the
+    device decodes and crops each batch), and the device's two parts alone on one batch."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415
+
+    from modeling_corinfomax.data import ImageViewDataset, decode_views  # noqa: PLC0415
+    from modeling_corinfomax.data.device_decode import crop_decoded  # noqa: PLC0415
+
+    rows = ImageViewDataset(folder, "image", None, size, mode="jpeg_bytes")
+    batch = min(batch, len(rows))
+
+    def decode_and_crop(b: dict) -> None:
+        decode_views(b, size, device)
+        synchronize(device)
+
+    rates = {
+        "workers alone (bytes + boxes)": loader_rate(rows, workers, batch, collate, batches=4 * workers + 8),
+        "whole path: workers, then device decode + crops": loader_rate(
+            rows, workers, batch, collate, batches=4 * workers + 8, consume=decode_and_crop
+        ),
+    }
+    one = collate([rows[i] for i in range(batch)])
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in one["jpeg"]]
+
+    def seconds(fn) -> float:
+        fn()
+        synchronize(device)
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[2]
+
+    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    rates["decode_jpeg alone (one batch)"] = batch / seconds(
+        lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    )
+    rates["batched crops alone (one batch)"] = batch / seconds(
+        lambda: crop_decoded(images, one["jpeg_boxes"], size)
+    )
+    return rates
 
 
 def step_seconds(
@@ -183,6 +230,7 @@ def main() -> None:
     p.add_argument("--root", help="where the JPEGs are built (default: a temporary folder)")
     p.add_argument("--photos", type=Path, default=PHOTOS, help="folder of the source photographs (*.jpg)")
     p.add_argument("--output", help="JSON path (default bench/results/jpeg.json)")
+    p.add_argument("--device_decode", action="store_true", help="time --decode_on_device on a CPU too")
     args = p.parse_args()
 
     from torchvision.io import decode_jpeg, read_file  # noqa: PLC0415
@@ -193,7 +241,6 @@ def main() -> None:
         decode_image_tensor,
         load_image_dataset,
     )
-    from modeling_corinfomax.data.device_decode import decode_views  # noqa: PLC0415
 
     device = pick_device(args.device)
     info = machine_info(device)
@@ -245,8 +292,9 @@ def main() -> None:
     collate = ExampleCollator()
     workers = {}
     for w in args.workers:
-        workers[f"folder, {w} worker(s)"] = loader_rate(rows, w, args.batch, collate)
-        workers[f"corpus, {w} worker(s)"] = loader_rate(corpus_rows, w, args.batch, collate)
+        batches = max(len(rows) // args.batch, 4 * w + 8)
+        workers[f"folder, {w} worker(s)"] = loader_rate(rows, w, args.batch, collate, batches)
+        workers[f"corpus, {w} worker(s)"] = loader_rate(corpus_rows, w, args.batch, collate, batches)
     print(f"\n| whole worker path (DataLoader, batch {args.batch}) | images/s |\n|---|---|")
     for name, rate in workers.items():
         print(f"| {name} | {rate:.0f} |")
@@ -263,19 +311,14 @@ def main() -> None:
     print(f"arithmetic: {1000 / ours:.1f} cores per 1,000 images/s (two {args.size} px crops each); "
           f"{1000 / rates['decode only (PIL)']:.1f} for decoding alone")  # fmt: skip
 
-    device_rate = None
-    if device.type == "cuda":
-        jpeg_rows = ImageViewDataset(folder, "image", None, args.size, mode="jpeg_bytes")
-        done = []
-
-        def consume(b):
-            done.append(decode_views(b, args.size, device))
-
-        for w in args.workers[-1:]:
-            device_rate = loader_rate(jpeg_rows, w, 256, collate, passes=3, consume=consume)
-            synchronize(device)
-        print(f"decoding on the GPU (--decode_on_device), {args.workers[-1]} workers reading bytes: "
-              f"{device_rate:.0f} images/s")  # fmt: skip
+    device_rates = {}
+    if device.type == "cuda" or args.device_decode:
+        device_rates = device_decoding(folder, args.size, args.workers[-1], collate, device)
+        print(
+            f"\n| --decode_on_device on {device.type}, {args.workers[-1]} workers, batch 256 | images/s |\n|---|---|"
+        )
+        for name, rate in device_rates.items():
+            print(f"| {name} | {rate:.0f} |")
 
     goals = {
         f"per core >= {GOAL_PER_CORE:.0f} images/s": ours >= GOAL_PER_CORE,
@@ -289,7 +332,7 @@ def main() -> None:
             "machine": info, "args": vars(args), "images": len(paths), "mean_kib": mean_kb,
             "per_core_images_per_s": rates, "reduced_decode_differences": differences,
             "workers_images_per_s": workers, "step_seconds": step_s, "step_batch": args.step_batch,
-            "pipeline_share": share, "device_decode_images_per_s": device_rate,
+            "pipeline_share": share, "device_decode_images_per_s": device_rates,
             "goals": goals,
         },
         args.output,
