@@ -61,9 +61,8 @@ class _RowViews:
         example = {"index": index, "labels": -1 if label is None else int(label)}
         try:
             if self.mode == "jpeg_bytes":  # decoded on the training device (`device_decode`)
-                return {"index": example["index"], "labels": example["labels"],
-                        **crop_example(self.augmentation, cell, self.image_size, seed)}  # fmt: skip
-            if self.mode == "two_view":  # the boxes from the header, then a decode sized to them
+                example.update(crop_example(self.augmentation, cell, self.image_size, seed))
+            elif self.mode == "two_view":  # the boxes from the header, then a decode sized to them
                 image = open_image(cell)
                 boxes = self.augmentation.draw_crops(image.height, image.width, seed)
                 example["view1"], example["view2"] = decode_crops(cell, image, boxes, self.image_size)
