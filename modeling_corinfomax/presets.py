@@ -45,7 +45,9 @@ DEFAULTS: dict = {
             "solarize_p": 0.2,
         },
     },
-    # model (CorInfoMaxConfig fields)
+    # model (CorInfoMaxConfig fields), and the weights it starts from (random without a checkpoint)
+    "model_name_or_path": None,
+    "resume_loss_state": False,
     "backbone": "resnet18",
     "backbone_kwargs": {},
     "cifar_stem": False,

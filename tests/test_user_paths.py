@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -121,6 +123,29 @@ def test_preset_on_another_datasets_source_and_explicit_launcher_settings_win(pa
     results = json.loads((out / "eval_results.json").read_text())
     assert results["dataset"]["name"] == str(parquet_source) and results["dataset"]["split"] == "test"
     assert "knn_top1" in results  # the labels of the new source were found (`label`, not the preset's)
+
+
+def test_continued_pretraining_starts_from_exactly_the_checkpoint(pretrained, image_folder, tmp_path):
+    # A preset's recipe on the user's folder, from a CorInfoMax model and its loss state. At a learning rate
+    # of ~0 the one step leaves every parameter where it started, so the saved ones are the checkpoint's.
+    source, path = pretrained
+    out = tmp_path / "run"
+    result = launch([], ["--preset", "cifar10", "--train_dir", str(image_folder), "--model_name_or_path", str(path),
+                         "--resume_loss_state", "--total_batch_size", "16", "--max_train_steps", "1",
+                         "--learning_rate", "1e-30", "--warmup_start_lr", "0", "--min_lr", "0", "--no-do_eval",
+                         "--output_dir", str(out)], tmp_path)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert (
+        f"starting from {path} (a CorInfoMax model, resnet10t with the CIFAR stem): backbone, projector"
+        in log
+    )
+    saved = load_file(out / "model.safetensors")
+    expected = {f"corinfomax.{name}": p for name, p in source.corinfomax.named_parameters()}
+    assert all(torch.equal(saved[name], p) for name, p in expected.items())
+    assert int(saved["loss_fn.num_updates"]) == int(source.loss_fn.num_updates) + 1  # went on from its state
+    args = json.loads((out / "training_args.json").read_text())
+    assert (args["backbone"], args["alpha"], args["model_name_or_path"]) == ("resnet10t", 250.0, str(path))
 
 
 def test_a_time_budget_sizes_the_run_and_ends_at_the_minimum_lr(image_folder, tmp_path):

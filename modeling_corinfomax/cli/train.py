@@ -63,6 +63,7 @@ from modeling_corinfomax.run_evaluation import (
     probe_rankme,
     rankme_rows,
 )
+from modeling_corinfomax.starting_point import load_starting_weights
 from modeling_corinfomax.training import (
     MAX_CONSECUTIVE_SKIPS,
     DeviceLoader,
@@ -295,6 +296,10 @@ def build_model(args, accelerator) -> torch.nn.Module:
     """`CorInfoMaxForPreTraining` of the flags, with SyncBatchNorm (`--sync_bn`, several GPU processes) and
     channels_last; under `--on_nan skip` its loss reports faults instead of raising them."""
     model = CorInfoMaxForPreTraining(args.model_config)
+    if args.starting_point is not None:  # continued pretraining (`--model_name_or_path`)
+        logger.info(
+            "starting from %s", load_starting_weights(model, args.starting_point, args.resume_loss_state)
+        )
     if args.on_nan == "skip":
         model.numerical_faults = "report"
     if args.sync_bn and accelerator.num_processes > 1:
@@ -379,7 +384,9 @@ def make_accelerator(args, project: Path) -> Accelerator:
 def write_training_args(args, accelerator, project: Path) -> None:
     """training_args.json (every resolved flag, no token), and the trackers' run configuration."""
     resolved = {
-        k: v for k, v in vars(args).items() if k not in ("model_config", "two_view_augmentation", "hub_token")
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("model_config", "two_view_augmentation", "hub_token", "starting_point")
     }
     if accelerator.is_main_process:
         write_atomically(project / TRAINING_ARGS_NAME, json.dumps(resolved, indent=2, default=str))

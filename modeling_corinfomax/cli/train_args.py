@@ -22,6 +22,7 @@ from modeling_corinfomax.data import PHOTO_RESOLUTION, TwoViewAugmentation, min_
 from modeling_corinfomax.data.resolution import SAMPLE_SIZE
 from modeling_corinfomax.errors import ConfigurationError, DataError
 from modeling_corinfomax.presets import BUNDLED_DEMO, DEFAULTS, PRESETS
+from modeling_corinfomax.starting_point import resolve_starting_point
 
 DESCRIPTION = """Pretrain a CorInfoMax image encoder with Accelerate on a `datasets` image corpus.
 
@@ -101,6 +102,18 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The `CorInfoMaxConfig` fields: backbone, projector and the loss's hyperparameters."""
     bool_flag = BooleanFlag
     g = parser.add_argument_group("model (CorInfoMaxConfig fields)")
+    g.add_argument(
+        "--model_name_or_path",
+        help="continue pretraining from these weights: a CorInfoMax folder or Hub id (backbone and projector), "
+        "or a timm model (hf-hub:org/name, a timm name with pretrained weights, a timm-format or TimmWrapper "
+        "folder, a .safetensors/.pth file with --backbone): the backbone starts from it, the projector fresh. "
+        "The architecture is the checkpoint's; the recipe comes from the flags and preset",
+    )
+    g.add_argument(
+        "--resume_loss_state",
+        action=bool_flag,
+        help="with a CorInfoMax --model_name_or_path: also start from its loss's running covariances and means",
+    )
     g.add_argument("--backbone", help="any timm architecture name")
     g.add_argument(
         "--backbone_kwargs", type=json.loads, help='JSON, e.g. \'{"img_size": 32, "patch_size": 4}\''
@@ -279,8 +292,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = argparse.Namespace(**values)
     args.bundled_demo = bool(demo)  # its recipe's epochs cap its budget (`cli.train.run_length`)
     args.explicit = sorted(chosen)  # what the user set (flags or --config), for the run-length rules
+    apply_starting_point(args)
     validate_args(args)
     return args
+
+
+def apply_starting_point(args: argparse.Namespace) -> None:
+    """`--model_name_or_path`: the run takes the checkpoint's architecture (over the defaults and the preset;
+    a different one set by the user is refused) and, unless set, the normalisation its weights were trained
+    with. `args.starting_point` is the resolved source (None without the flag)."""
+    args.starting_point = None
+    if args.resume_loss_state and not args.model_name_or_path:
+        raise SystemExit("error: --resume_loss_state needs --model_name_or_path (a CorInfoMax model).")
+    if not args.model_name_or_path:
+        return
+    explicit_backbone = args.backbone if "backbone" in args.explicit else None
+    try:
+        start = resolve_starting_point(args.model_name_or_path, explicit_backbone)
+    except ConfigurationError as error:
+        raise SystemExit(f"error: {error}") from None
+    for key, value in start.architecture.items():
+        if key in args.explicit and getattr(args, key) != value:
+            raise SystemExit(
+                f"error: --{key} {getattr(args, key)} conflicts with --model_name_or_path {args.model_name_or_path}, "
+                f"whose {key} is {value}: drop --{key} (the architecture is the checkpoint's)."
+            )
+        setattr(args, key, value)
+    for key, value in start.preprocessing.items():
+        if key not in args.explicit:
+            setattr(args, key, value)
+    args.starting_point = start
 
 
 def uses_bundled_data(preset: str | None, chosen: dict) -> bool:
