@@ -2,6 +2,7 @@
 
 - `extract_features`: eval-mode, no-grad embeddings (backbone `pooler_output` or projector output) of a
   whole dataloader, gathered over processes with Accelerate.
+- `pooled_features`: one batch's embeddings; `nearest_neighbors`: exact cosine top-k, in blocks.
 - `knn_classify` / `knn_accuracy`: the DINO / InstDisc weighted kNN on L2-normalised features.
 - `linear_probe`: multinomial logistic regression on precomputed features, solved exactly (L-BFGS).
 - `linear_eval`: the paper's linear evaluation on augmented images through the frozen backbone (cosine or
@@ -58,6 +59,22 @@ def _eval_mode(model: nn.Module):
             module.training = training
 
 
+def pooled_features(
+    encoder: nn.Module, pixel_values: torch.Tensor, use_projector: bool = False
+) -> torch.Tensor:
+    """(B, F) float32 embeddings of normalised (B, 3, H, W) `pixel_values`: the model's `pooler_output` (the
+    backbone's pooled features, what the paper evaluates), or its `projections`. Call it without gradients
+    and in eval mode (`_eval_mode`)."""
+    out = encoder(pixel_values=pixel_values)
+    feats = out.projections if use_projector else out.pooler_output
+    if feats is None:
+        raise ValueError(
+            f"{type(encoder).__name__} returned no {'projections' if use_projector else 'pooler_output'}; "
+            "embeddings need a model whose output has a pooled embedding."
+        )
+    return feats.float().flatten(1)
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -107,14 +124,7 @@ def extract_features(
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             batch_labels = batch["labels"].to(device, non_blocking=True)
             with autocast():
-                out = encoder(pixel_values=pixel_values)
-            feats = out.projections if use_projector else out.pooler_output
-            if feats is None:
-                raise ValueError(
-                    f"{type(encoder).__name__} returned no {'projections' if use_projector else 'pooler_output'}; "
-                    "extract_features needs a model whose output has a pooled embedding."
-                )
-            feats = feats.float().flatten(1)
+                feats = pooled_features(encoder, pixel_values, use_projector)
             if accelerator is not None:
                 feats, batch_labels = accelerator.gather_for_metrics((feats, batch_labels))
             features.append(feats.cpu())
@@ -171,18 +181,62 @@ def knn_classify(
         raise ValueError(f"train_labels {tuple(train_labels.shape)} must have one label per train feature.")
     if k < 1 or not temperature > 0 or chunk_size < 1:
         raise ValueError(f"k={k}, chunk_size={chunk_size} must be >= 1 and temperature={temperature} > 0.")
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float().to(train.device), dim=1)
-    train_labels = train_labels.to(train.device).long()
-    k = min(k, train.shape[0])
-    scores = torch.zeros(test.shape[0], num_classes, device=train.device)
-    for start in range(0, test.shape[0], chunk_size):
-        similarity = test[start : start + chunk_size] @ train.T
-        top_similarity, top_index = similarity.topk(k, dim=1)
-        scores[start : start + chunk_size].scatter_add_(
-            1, train_labels[top_index], (top_similarity / temperature).exp()
+    device = train_features.device
+    top_similarity, top_index = nearest_neighbors(train_features, k, test_features, device, chunk_size)
+    scores = torch.zeros(test_features.shape[0], num_classes, device=device)
+    return scores.scatter_add_(
+        1, train_labels.to(device).long()[top_index], (top_similarity / temperature).exp()
+    )
+
+
+@torch.no_grad()
+def nearest_neighbors(
+    embeddings: torch.Tensor | np.ndarray,
+    k: int,
+    queries: torch.Tensor | np.ndarray | None = None,
+    device: torch.device | str | None = None,
+    chunk: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact cosine nearest neighbours: the `k` rows of `embeddings` (N, F) most similar to each query.
+
+    The rows are L2-normalised once and kept on `device` (default: where `embeddings` are); the queries
+    go through in blocks of `chunk` rows, so peak memory is about `chunk * N * 4` bytes. Without
+    `queries`, each row is the query and is left out of its own neighbours (k is then clipped to N - 1).
+
+    Returns:
+        `(similarities, indices)`: (Q, k) float32 cosine similarities, most similar first, and (Q, k) int64
+        row indices into `embeddings`, on `device`.
+
+    Example:
+        >>> similarities, indices = nearest_neighbors(features, k=10)  # each row's 10 others  # doctest: +SKIP
+    """
+    bank = torch.as_tensor(embeddings)
+    device = torch.device(device) if device is not None else bank.device
+    bank = F.normalize(bank.to(device).float(), dim=1)
+    own = queries is None
+    queries = bank if own else F.normalize(torch.as_tensor(queries).to(device).float(), dim=1)
+    if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
+        raise ValueError(
+            f"expected (N, F) embeddings and queries of the same width; got {tuple(bank.shape)} "
+            f"and {tuple(queries.shape)}."
         )
-    return scores
+    k = min(k, bank.shape[0] - own)
+    if k < 1 or chunk < 1:
+        raise ValueError(
+            f"k={k} and chunk={chunk} must be >= 1 (k is clipped to the rows that can be neighbours)."
+        )
+    similarities, indices = [], []
+    for start in range(0, queries.shape[0], chunk):
+        similarity = queries[start : start + chunk] @ bank.T
+        if own:  # a row is not its own neighbour
+            rows = torch.arange(start, start + similarity.shape[0], device=device)
+            similarity[rows - start, rows] = -float("inf")
+        top = similarity.topk(k, dim=1)
+        similarities.append(top.values)
+        indices.append(top.indices)
+    if not similarities:
+        return torch.empty(0, k, device=device), torch.empty(0, k, dtype=torch.long, device=device)
+    return torch.cat(similarities), torch.cat(indices)
 
 
 def topk_accuracy(
@@ -663,6 +717,8 @@ __all__ = [
     "linear_eval_scheduler",
     "linear_head",
     "linear_probe",
+    "nearest_neighbors",
+    "pooled_features",
     "topk_accuracy",
     "update_eval_results",
 ]

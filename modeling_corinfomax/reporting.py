@@ -3,6 +3,7 @@
 Both are written next to the model by train.py (with labels, after the final evaluation) and copied into
 the model cards by `export.prepare_artifacts`. They need matplotlib, which the scripts import lazily.
 `plot_training` draws the run's loss curves and projection spectrum (`training.png`).
+`draw_map` is the scatter behind `embeddings.png`, also for corinfomax-embed's `--map` (with a query point).
 
 - `embeddings.png`: the test embeddings projected on their first two principal components (of the
   L2-normalised features, the geometry kNN uses), one colour per class when labels exist.
@@ -12,12 +13,14 @@ the model cards by `export.prepare_artifacts`. They need matplotlib, which the s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 TRAINING_ARGS_NAME = "training_args.json"  # every resolved flag of the run
 EVAL_RESULTS_NAME = "eval_results.json"  # what train.py, eval.py and finetune.py measured; the cards read it
@@ -31,14 +34,20 @@ FIGURE_CAPTIONS = {
 }
 
 
-def principal_components(features: torch.Tensor, n: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """The L2-normalised `features` on their first `n` principal axes, and each axis's share of variance."""
+def principal_components(
+    features: torch.Tensor, n: int = 2, queries: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The L2-normalised `features` on their first `n` principal axes, and each axis's share of variance;
+    with `queries`, also the queries (normalised alike) on the same axes, which they do not move."""
     x = F.normalize(features.double(), dim=1)
-    x = x - x.mean(dim=0)
-    _, s, v = torch.linalg.svd(x, full_matrices=False)
+    mean = x.mean(dim=0)
+    _, s, v = torch.linalg.svd(x - mean, full_matrices=False)
     variance = s.square()
     share = (variance[:n] / variance.sum().clamp_min(1e-300)).numpy()
-    return (x @ v[:n].T).numpy(), share
+    points = ((x - mean) @ v[:n].T).numpy()
+    if queries is None:
+        return points, share
+    return points, share, ((F.normalize(queries.double(), dim=1) - mean) @ v[:n].T).numpy()
 
 
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,31 +92,75 @@ def plot_embedding_map(
     max_points: int = 5000,
 ) -> Path:
     """Scatter the first two principal components of `features` (coloured by `labels`) into `path`."""
-    plt = _pyplot()
     keep = torch.arange(features.shape[0])
     if features.shape[0] > max_points:
         keep = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(0))[:max_points]
     points, share = principal_components(features[keep])
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    if labels is None:
-        ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.6)
-    else:
-        chosen = labels[keep].numpy()
-        cmap = plt.get_cmap("tab10" if len(np.unique(chosen)) <= 10 else "tab20")
-        for i, c in enumerate(np.unique(chosen)):
-            name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
-            where = chosen == c
-            ax.scatter(points[where, 0], points[where, 1], s=4, alpha=0.6, color=cmap(i % cmap.N), label=name)
-        ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
-    ax.set(
+    draw_map(
+        points,
+        None if labels is None else labels[keep].numpy(),
+        class_names,
+        path=path,
         title=f"{len(keep)} test embeddings (PCA of L2-normalised features)",
-        xlabel=f"PC 1 ({100 * share[0]:.1f}% of variance)",
-        ylabel=f"PC 2 ({100 * share[1]:.1f}% of variance)" if len(share) > 1 else "PC 2",
+        axis_labels=(
+            f"PC 1 ({100 * share[0]:.1f}% of variance)",
+            f"PC 2 ({100 * share[1]:.1f}% of variance)" if len(share) > 1 else "PC 2",
+        ),
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
+
+
+def draw_map(
+    points: np.ndarray,
+    labels: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    label_names: Sequence[str] | None = None,
+    query: Sequence[float] | np.ndarray | None = None,
+    path: str | Path | None = None,
+    title: str | None = None,
+    axis_labels: tuple[str, str] = ("PC 1", "PC 2"),
+) -> Image.Image:
+    """A scatter of 2-D `points` (N, 2), one colour per class of `labels` (named by `label_names`), with an
+    optional `query` point marked by a black star; returned as a PIL image (650x550) and, with `path`,
+    written there as a PNG (under a temporary name, then renamed).
+
+    Example:
+        >>> picture = draw_map(project_2d(embeddings), labels, names, path="map.png")  # doctest: +SKIP
+    """
+    plt = _pyplot()
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=100)
+    size = float(np.clip(3000 / max(len(points), 1), 4, 30))  # a few points drawn large, many small
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=size, alpha=0.6)
+    else:
+        labels = np.asarray(labels)
+        cmap = plt.get_cmap("tab10" if len(np.unique(labels)) <= 10 else "tab20")
+        for i, c in enumerate(np.unique(labels)):
+            name = label_names[c] if label_names is not None and 0 <= c < len(label_names) else str(c)
+            where = labels == c
+            ax.scatter(
+                points[where, 0], points[where, 1], s=size, alpha=0.6, color=cmap(i % cmap.N), label=name
+            )
+    if query is not None:
+        x, y = np.asarray(query, dtype=np.float64).reshape(2)
+        ax.scatter(
+            [x], [y], s=220, marker="*", color="black", edgecolors="white", linewidths=1, label="query"
+        )
+    if labels is not None or query is not None:
+        ax.legend(
+            markerscale=max(1.0, 12 / size) if query is None else 1, fontsize=7, loc="best", frameon=False
+        )
+    ax.set(title=title or f"{len(points)} embeddings", xlabel=axis_labels[0], ylabel=axis_labels[1])
+    fig.tight_layout()
+    fig.canvas.draw()
+    picture = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+    plt.close(fig)
+    if path is not None:
+        path = Path(path)
+        tmp = path.with_name(f".tmp-{path.name}")
+        picture.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    return picture
 
 
 def _as_picture(image: torch.Tensor) -> np.ndarray:

@@ -1,6 +1,6 @@
 """A loopback Hugging Face Hub for tests: the part of the Hub protocol the real `huggingface_hub` client
 uses to create repos, upload (preupload, LFS batch + PUT, NDJSON commit), and download (revision info,
-resolve with `ETag` / `X-Repo-Commit`).
+resolve with `ETag` / `X-Repo-Commit`), for model repos and Spaces.
 
 Stdlib only, in memory, on 127.0.0.1. Clients must run with `HF_ENDPOINT=<stub.endpoint>` and
 `HF_HUB_DISABLE_XET=1` (hub 2.x always uploads through Xet otherwise), both set before `huggingface_hub`
@@ -25,6 +25,13 @@ GITATTRIBUTES = "".join(
 ).encode()
 
 
+# The route patterns' repo parts: the API's type segment, the download/LFS URLs' type prefix (none for a
+# model), and `org/name`.
+API = r"(?P<kind>models|spaces)"
+PREFIX = r"(?:(?P<kind>spaces)/)?"
+REPO = r"(?P<repo>[^/]+/[^/]+)"
+
+
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob, the Hub's ETag of a regular (non-LFS) file."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -42,12 +49,20 @@ class StoredFile:
         return hashlib.sha256(self.data).hexdigest() if self.lfs else git_blob_sha1(self.data)
 
 
+def repo_key(repo_id: str, kind: str | None = None) -> str:
+    """The stub's key of a repo, its path on the Hub: `org/name` for a model, `spaces/org/name` for a Space.
+    `kind` is the URL's type segment (`models`, `spaces`; None for a model) or `create_repo`'s `type`."""
+    return repo_id if kind in (None, "models", "model") else f"spaces/{repo_id}"
+
+
 @dataclass
 class Repo:
-    """A model repo: branches point to commits, a commit is a full snapshot `{path: StoredFile}`."""
+    """A model repo or a Space: branches point to commits, a commit is a full snapshot
+    `{path: StoredFile}`. `sdk` is a Space's (`gradio`, ...), None for a model."""
 
     repo_id: str
     private: bool
+    sdk: str | None = None
     branches: dict[str, str] = field(default_factory=dict)
     commits: dict[str, dict[str, StoredFile]] = field(default_factory=dict)
 
@@ -68,6 +83,7 @@ class Repo:
 class HubStub:
     """The loopback Hub. Use as a context manager; `endpoint` is its base URL.
 
+    `repos` and `files` key a model by `org/name` and a Space by `spaces/org/name`, as in the Hub's URLs.
     Writes, and reads of private repos, need `Authorization: Bearer <token>` when `token` is set.
     `requests` records `(method, path)` of every request, `unhandled` those the stub does not know (a test
     should assert it is empty), `authorizations` every Authorization header received.
@@ -99,7 +115,7 @@ class HubStub:
         self.thread.join(timeout=10)
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
-        """The files of a repo at a revision, for assertions."""
+        """The files of a repo (`org/name`, or `spaces/org/name`) at a revision, for assertions."""
         repo = self.repos[repo_id]
         return {path: f.data for path, f in repo.commits[repo.resolve(revision)].items()}
 
@@ -143,19 +159,21 @@ class HubStub:
                 r"/api/agent-harnesses",
                 lambda h, m, b: self._json(h, {"standardEnvVars": [], "harnesses": {}}),
             ),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>.+)", self._preupload),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>.+)", self._commit),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>.+)", self._create_branch),
-            ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", self._lfs_batch),
+            ("POST", rf"/api/{API}/{REPO}/preupload/(?P<rev>.+)", self._preupload),
+            ("POST", rf"/api/{API}/{REPO}/commit/(?P<rev>.+)", self._commit),
+            ("POST", rf"/api/{API}/{REPO}/branch/(?P<branch>.+)", self._create_branch),
+            ("POST", rf"/{PREFIX}{REPO}\.git/info/lfs/objects/batch", self._lfs_batch),
             ("PUT", r"/_lfs/(?P<oid>[0-9a-f]{64})", self._lfs_put),
-            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)", self._tree),
-            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+?)(?:/revision/(?P<rev>.+))?", self._repo_info),
-            ("GET|HEAD", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._resolve),
+            ("GET", rf"/api/{API}/{REPO}/tree/(?P<rev>[^/]+)", self._tree),
+            ("GET", rf"/api/{API}/(?P<repo>[^/]+/[^/]+?)(?:/revision/(?P<rev>.+))?", self._repo_info),
+            ("GET|HEAD", rf"/{PREFIX}{REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._resolve),
         ]
         for methods, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
             if method in methods.split("|") and match:
                 params = {k: unquote(v) if v else v for k, v in match.groupdict().items()}
+                if "repo" in params:  # handlers see the repo's key, whatever its type
+                    params["repo"] = repo_key(params["repo"], params.pop("kind"))
                 return handler(h, method, body, **params)
         with self.lock:
             self.unhandled.append((method, path))
@@ -223,21 +241,24 @@ class HubStub:
         repo_id = (
             f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         )
+        key, kind = repo_key(repo_id, payload.get("type")), payload.get("type") or "model"
+        if kind == "space" and not payload.get("sdk"):
+            return self._error(h, 400, "BadRequest", "a Space needs an sdk (gradio, docker, static)")
         with self.lock:
-            if (
-                repo_id in self.repos
-            ):  # the Hub's 409 carries the url too (create_repo(exist_ok=True) reads it)
-                body = {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"}
+            if key in self.repos:  # the Hub's 409 carries the url too (create_repo(exist_ok=True) reads it)
+                body = {"error": f"You already created this {kind} repo", "url": f"{self.endpoint}/{key}"}
                 return self._send(h, 409, json.dumps(body).encode(), {"Content-Type": "application/json"})
             repo = Repo(
-                repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private"))
+                repo_id,
+                private=payload.get("visibility") == "private" or bool(payload.get("private")),
+                sdk=payload.get("sdk"),
             )
             # Like the Hub: a new repo has one commit holding .gitattributes.
             repo.branches["main"] = repo.commit(
                 None, {".gitattributes": StoredFile(GITATTRIBUTES, False)}, "initial"
             )
-            self.repos[repo_id] = repo
-        self._json(h, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id})
+            self.repos[key] = repo
+        self._json(h, {"url": f"{self.endpoint}/{key}", "name": repo_id})
 
     def _create_branch(self, h, method, body, repo: str, branch: str) -> None:
         stored = self._writable_repo(h, repo)
@@ -335,17 +356,18 @@ class HubStub:
         self._json(
             h,
             {
-                "id": repo,
-                "modelId": repo,
+                "id": stored.repo_id,
+                "modelId": stored.repo_id,
                 "sha": sha,
                 "private": stored.private,
                 "siblings": siblings,
                 "tags": [],
+                **({"sdk": stored.sdk} if stored.sdk else {}),
             },
         )
 
     def _tree(self, h, method, body, repo: str, rev: str) -> None:
-        # Repos here are flat (no folders), so the recursive listing is the top level; one page.
+        # Every file at any depth (folders are implied by the paths): the recursive listing; one page.
         stored = self._readable_repo(h, repo)
         if stored is None:
             return

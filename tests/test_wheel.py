@@ -22,7 +22,7 @@ import pytest
 from helpers import REPO_ROOT
 
 COMMANDS = ["corinfomax-train", "corinfomax-eval", "corinfomax-finetune", "corinfomax-push",
-            "corinfomax-convert-official"]  # fmt: skip
+            "corinfomax-convert-official", "corinfomax-embed", "corinfomax-export-onnx", "corinfomax-app"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_wheel_holds_the_package_data_and_not_the_checkout(installed):
 
 
 def test_each_command_answers_help(installed):
-    # The five commands at once (each start-up is mostly imports): one test, a third of the time.
+    # The commands at once (each start-up is mostly imports): one test, a third of the time.
     running = {
         command: subprocess.Popen([str(installed["bin"] / command), "--help"], cwd=installed["cwd"],
                                   env=installed["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

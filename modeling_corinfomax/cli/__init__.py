@@ -6,6 +6,9 @@ in a checkout call the same `main` functions).
     corinfomax-finetune           = modeling_corinfomax.cli.finetune
     corinfomax-push               = modeling_corinfomax.cli.push
     corinfomax-convert-official   = modeling_corinfomax.cli.convert_official
+    corinfomax-embed              = modeling_corinfomax.cli.embed           (also `accelerate launch embed.py`)
+    corinfomax-export-onnx        = modeling_corinfomax.cli.export_onnx
+    corinfomax-app                = modeling_corinfomax.cli.app
 
 The `run_*` functions below are the console-script targets (named apart from the submodules): they import their command only when called, and exit
 with 0 after a run whose `main` returns results (a dict) rather than an exit status.
@@ -39,3 +42,15 @@ def run_push() -> None:
 
 def run_convert_official() -> None:
     _run("convert_official")
+
+
+def run_embed() -> None:
+    _run("embed")
+
+
+def run_export_onnx() -> None:
+    _run("export_onnx")
+
+
+def run_app() -> None:
+    _run("app")

@@ -41,11 +41,11 @@ from typing import Any, NamedTuple
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from datasets import ClassLabel, Dataset, Features, List, Value
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoModel
 from transformers.utils import cached_file, extract_commit_hash
 
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
+from modeling_corinfomax import embedding
 from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter, exits_on_error
 from modeling_corinfomax.data import (
     ExampleCollator,
@@ -230,24 +230,10 @@ def save_embeddings(
     """Write one split's features as `<directory>/<split>.parquet`, a `datasets` parquet file with
     columns `id` (the row index in the split), `split`, `label` (a ClassLabel when the classes have
     names) and `embedding` (float32, fixed length)."""
-    features_spec = Features(
-        {
-            "id": Value("int64"),
-            "split": Value("string"),
-            "label": ClassLabel(names=list(names)) if names else Value("int64"),
-            "embedding": List(Value("float32"), length=features.shape[1]),
-        }
+    found = embedding.Embeddings(
+        ids=torch.as_tensor(rows), paths=None, labels=labels, embeddings=features, label_names=names
     )
-    table = {
-        "id": rows,
-        "split": [split] * len(rows),
-        "label": labels.tolist(),
-        "embedding": features.float().numpy(),
-    }
-    path = Path(directory) / f"{split}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Dataset.from_dict(table, features=features_spec).to_parquet(str(path))
-    return path
+    return embedding.write_embeddings(Path(directory) / f"{split}.parquet", found, constants={"split": split})
 
 
 def resolve_commit(model_name_or_path: str, revision: str | None) -> str | None:
@@ -256,20 +242,6 @@ def resolve_commit(model_name_or_path: str, revision: str | None) -> str | None:
         return None
     resolved = cached_file(model_name_or_path, "config.json", revision=revision)
     return extract_commit_hash(resolved, None)
-
-
-def preprocessing(args, config) -> tuple[int, list[float], list[float]]:
-    """Crop size, mean and std: from the CorInfoMax config, else from the checkpoint's image processor."""
-    if all(hasattr(config, key) for key in ("image_size", "image_mean", "image_std")):
-        size, mean, std = config.image_size, config.image_mean, config.image_std
-    else:
-        processor = AutoImageProcessor.from_pretrained(
-            args.model_name_or_path, revision=args.revision, trust_remote_code=args.trust_remote_code
-        )
-        crop = getattr(processor, "crop_size", None) or processor.size
-        size = crop.get("height") or crop.get("shortest_edge")
-        mean, std = processor.image_mean, processor.image_std
-    return args.image_size or int(size), list(mean), list(std)
 
 
 def hyperparameters(protocol) -> dict:
@@ -442,7 +414,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.model_name_or_path, revision=args.revision, trust_remote_code=args.trust_remote_code
     )
     model.to(accelerator.device)
-    image_size, mean, std = preprocessing(args, model.config)
+    image_size, mean, std = embedding.preprocessing(
+        model.config, args.model_name_or_path, args.revision, args.trust_remote_code
+    )
+    image_size = args.image_size or image_size
     logger.info(
         "%s: %d train / %d %s images, %d classes, %dpx crops; %s features",
         data.record["name"], len(data.train_labels), len(data.eval_labels), data.validation_split,

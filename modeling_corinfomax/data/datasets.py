@@ -71,6 +71,8 @@ class _RowViews:
                 example["pixel_values"] = (
                     eval_view(pixels, self.image_size) if self.mode == "eval" else pixels
                 )
+                if self.mode == "eval" and name:  # what `embedding.embed_dataset` writes for each row
+                    example["path"] = str(name)
         except Exception as error:  # noqa: BLE001  (reported by the collate function with the row's name)
             return {
                 "error": f"row {index}{' (' + str(name) + ')' if name else ''}: {type(error).__name__}: {error}"
@@ -84,7 +86,8 @@ class ImageViewDataset(_RowViews, torch.utils.data.Dataset):
     `mode="two_view"` yields `view1`, `view2` (random crops and flips, which depend only on
     `(seed, epoch, index)`); `mode="jpeg_bytes"` yields a JPEG's bytes and the same crops' boxes, for
     `device_decode.decode_views` to decode and crop on the training device (other images: their host crops);
-    `mode="eval"` yields `pixel_values` (resize + centre crop); `mode="decode"`
+    `mode="eval"` yields `pixel_values` (resize + centre crop) and the file's `path` when the row has one
+    (collated as `paths`); `mode="decode"`
     yields the decoded image as is, in `pixel_values`. Undecodable images become `{"error": ...}`
     examples that `ExampleCollator` reports or skips, so a bad file never surfaces as a bare worker
     traceback. `labels`, when given, are class indices that replace the label column's (see
@@ -193,6 +196,8 @@ class ExampleCollator:
                     batch[key] = torch.stack([e[key] for e in good])
         batch["labels"] = torch.tensor([e["labels"] for e in good], dtype=torch.long)
         batch["index"] = torch.tensor([e["index"] for e in good], dtype=torch.long)
+        if any("path" in e for e in good):
+            batch["paths"] = [e.get("path") for e in good]
         return batch
 
 

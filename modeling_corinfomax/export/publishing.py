@@ -19,6 +19,7 @@ from ..errors import ConfigurationError, PublishError
 from ..reporting import EVAL_RESULTS_NAME, TRAINING_ARGS_NAME
 from .cards import build_backbone_card, build_model_card, card_context
 from .common import BACKBONE_REPO_SUFFIX, DEFAULT_LICENSE, hub_url
+from .onnx import ONNX_FILE, export_onnx
 from .timm_format import export_timm_backbone, load_saved_model
 
 
@@ -32,10 +33,12 @@ def write_model_folder(
     license: str = DEFAULT_LICENSE,
     tags: list[str] | None = None,
     max_shard_size: int | str | None = "50GB",
+    onnx: bool = False,
 ) -> Path:
     """Write the full model's folder to upload: `save_pretrained` (weights, config with the `auto_map` of
     every head, the code files, `preprocessor_config.json`), the run's `training_args.json`,
-    `eval_results.json` and pictures when `run_dir` holds them (secrets removed), and the model card.
+    `eval_results.json` and pictures when `run_dir` holds them (secrets removed), the model card, and with
+    `onnx` the encoder as `onnx/model.onnx` (`export.onnx.export_onnx`).
 
     Args:
         model: a `CorInfoMaxModel`, `CorInfoMaxForPreTraining` or `CorInfoMaxForImageClassification`.
@@ -46,6 +49,7 @@ def write_model_folder(
         license: the card's license.
         tags: extra card tags, after ours.
         max_shard_size: passed to `save_pretrained`.
+        onnx: also export the encoder to ONNX (needs `pip install 'corinfomax[onnx]'`).
 
     Returns:
         `model_dir` as a `Path`.
@@ -67,6 +71,8 @@ def write_model_folder(
     card = build_model_card(model, repo_id, backbone_repo_id, run_dir, license=license)
     card.data.tags = [*card.data.tags, *(tag for tag in tags or [] if tag not in card.data.tags)]
     card.save(model_dir / "README.md")
+    if onnx:
+        export_onnx(model, model_dir / ONNX_FILE)
     return model_dir
 
 
@@ -78,15 +84,16 @@ def prepare_artifacts(
     backbone_dir: str | os.PathLike,
     *,
     license: str = DEFAULT_LICENSE,
+    onnx: bool = False,
 ) -> tuple[Path, Path]:
     """Write the two folders to upload: the full model (`write_model_folder`: `save_pretrained` with code
-    files, `auto_map` for every head, `preprocessor_config.json`, README, and the run's
-    `training_args.json`, `eval_results.json` and its pictures) and the timm-format backbone with its
-    README and the pictures."""
+    files, `auto_map` for every head, `preprocessor_config.json`, README, the run's `training_args.json`,
+    `eval_results.json` and its pictures, and with `onnx` the encoder as `onnx/model.onnx`) and the
+    timm-format backbone with its README and the pictures."""
     checkpoint_dir, backbone_dir = Path(checkpoint_dir), Path(backbone_dir)
     model = load_saved_model(checkpoint_dir)
     model_dir = write_model_folder(
-        model, model_dir, repo_id, backbone_repo_id, checkpoint_dir, license=license
+        model, model_dir, repo_id, backbone_repo_id, checkpoint_dir, license=license, onnx=onnx
     )
     export_timm_backbone(
         model, backbone_dir, license=license, description=f"CorInfoMax backbone of {repo_id}"
@@ -127,6 +134,7 @@ def publish(
     dry_run_dir: str | os.PathLike | None = None,
     revision: str | None = None,
     commit_message: str = "Upload CorInfoMax checkpoint",
+    onnx: bool = False,
 ) -> dict:
     """Publish a CorInfoMax checkpoint as two Hub repos: the full model and its timm-format backbone.
 
@@ -143,6 +151,8 @@ def publish(
         revision: branch to commit to (created from `main` if missing); default `main`. After the commit
             the branch holds exactly the published files (others are deleted; `.gitattributes` stays).
         commit_message: the commit message of both uploads.
+        onnx: the full model's repo also gets the encoder as `onnx/model.onnx` (`export.onnx.export_onnx`;
+            needs `pip install 'corinfomax[onnx]'`).
 
     Returns:
         `{"repo_id", "backbone_repo_id", "model_dir", "backbone_dir", "model_commit", "backbone_commit",
@@ -174,7 +184,7 @@ def publish(
         for folder in (model_dir, backbone_dir):
             if folder.exists() and any(folder.iterdir()):
                 raise FileExistsError(f"{folder} is not empty; remove it or choose another --dry_run folder.")
-        prepare_artifacts(checkpoint_dir, repo_id, backbone_repo_id, model_dir, backbone_dir)
+        prepare_artifacts(checkpoint_dir, repo_id, backbone_repo_id, model_dir, backbone_dir, onnx=onnx)
         assert_no_secret([model_dir, backbone_dir], secret)
         result.update(model_dir=str(model_dir), backbone_dir=str(backbone_dir))
         return result
@@ -182,7 +192,7 @@ def publish(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="corinfomax-publish-") as tmp:
         model_dir, backbone_dir = Path(tmp) / "model", Path(tmp) / "backbone"
-        prepare_artifacts(checkpoint_dir, repo_id, backbone_repo_id, model_dir, backbone_dir)
+        prepare_artifacts(checkpoint_dir, repo_id, backbone_repo_id, model_dir, backbone_dir, onnx=onnx)
         assert_no_secret([model_dir, backbone_dir], secret)
         for key, target, folder in (
             ("model", repo_id, model_dir),
