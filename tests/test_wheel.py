@@ -108,3 +108,11 @@ def test_no_argument_training_from_the_wheel_saves_a_model_automodel_loads(insta
               "--total_batch_size", "16", "--no-do_eval", "--output_dir", "run2")  # fmt: skip
     assert cmd.returncode == 0, cmd.stderr[-3000:]
     assert (installed["cwd"] / "run2" / "model.safetensors").is_file()
+    # The saved model embeds the bundled test images with the installed command.
+    embed = run(installed, str(installed["bin"] / "corinfomax-embed"), "run", "--max_samples", "48",
+                "--neighbors", "3", "--output", "embeddings.parquet")  # fmt: skip
+    assert embed.returncode == 0, embed.stderr[-3000:]
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    table = pq.read_table(installed["cwd"] / "embeddings.parquet")
+    assert table.num_rows == 48 and {"id", "label", "embedding", "neighbors"} <= set(table.column_names)
