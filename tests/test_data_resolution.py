@@ -97,8 +97,8 @@ def test_train_py_on_photos_trains_and_saves_at_the_photo_resolution(tmp_path, s
     assert json.loads((out / "training_args.json").read_text())["image_size"] == 224
 
 
-def budget_args(image_size, minutes, batch=64):
-    args = train.parse_args(["--train_dir", "unused", "--image_size", str(image_size)])
+def budget_args(image_size, minutes, batch=64, flags=()):
+    args = train.parse_args(["--train_dir", "unused", "--image_size", str(image_size), *flags])
     args.time_budget_minutes, args.per_device_train_batch_size = minutes, batch
     return args
 
@@ -132,12 +132,57 @@ def test_a_time_budget_lowers_a_photo_resolution_to_buy_enough_steps(monkeypatch
     train_data.fit_resolution_to_budget(args, accelerator, started)
     assert args.image_size == 224 and [size for size, _ in timed] == [224]
     timed.clear()
-    for args in (budget_args(224, None), budget_args(40, 0.1)):  # no budget; already at the rule's floor
-        train_data.fit_resolution_to_budget(args, accelerator, started)
+    train_data.fit_resolution_to_budget(budget_args(224, None), accelerator, started)  # no budget
     assert timed == []
     args = budget_args(224, minutes=0.01)  # no time left at all: the floor
     train_data.fit_resolution_to_budget(args, accelerator, started)
-    assert args.image_size == 40
+    assert args.image_size == 40 and args.backbone == "resnet18"  # (this stub's steps cost the same in any)
+
+
+def test_a_budget_too_short_even_at_the_floor_trains_the_smaller_backbone(monkeypatch, caplog):
+    from accelerate import Accelerator
+
+    from modeling_corinfomax.cli import train_data
+
+    timed = []
+
+    def seconds_per_step(model, batch_size, accelerator, channels_last=False):  # ResNet-10-T: half the cost
+        timed.append((model.config.backbone, model.config.image_size))
+        cost = 0.5 if model.config.backbone == "resnet10t" else 1.0
+        return cost * 2 * batch_size * model.config.image_size**2 * 1e-6
+
+    monkeypatch.setattr(train_data, "seconds_per_step", seconds_per_step)
+    accelerator, started = Accelerator(cpu=True), time.time()
+    args = budget_args(
+        40, minutes=1
+    )  # ~51 s for training: ~249 steps of ResNet-18 at 40 px, ~498 of ResNet-10-T
+    with caplog.at_level(logging.INFO, logger="corinfomax.train"):
+        train_data.fit_resolution_to_budget(args, accelerator, started)
+    assert timed == [("resnet18", 40), ("resnet10t", 40)]
+    assert args.backbone == args.model_config.backbone == "resnet10t" and args.image_size == 40
+    assert "resnet18 at 40 px takes ~0.20 s/step here" in caplog.text
+    assert (
+        "trains resnet10t instead (~0.10 s/step" in caplog.text and "--backbone NAME to choose" in caplog.text
+    )
+
+    timed.clear()  # a photo resolution lowered to the floor is timed there once, not twice
+    args = budget_args(224, minutes=1)
+    train_data.fit_resolution_to_budget(args, accelerator, started)
+    assert timed[-2:] == [("resnet18", 40), ("resnet10t", 40)] and args.backbone == "resnet10t"
+    assert [t for t in timed if t == ("resnet18", 40)] == [("resnet18", 40)]
+
+    timed.clear()  # a backbone someone chose stays, and a budget that buys enough steps changes nothing
+    for args in (
+        budget_args(40, 1, flags=["--backbone", "resnet18"]),
+        budget_args(40, 1, flags=["--preset", "cifar10"]),
+    ):
+        train_data.fit_resolution_to_budget(args, accelerator, started)
+        assert args.backbone == "resnet18"
+    assert all(backbone == "resnet18" for backbone, _ in timed)  # (the preset's CIFAR stem lowers its size)
+    timed.clear()
+    args = budget_args(40, minutes=600)
+    train_data.fit_resolution_to_budget(args, accelerator, started)
+    assert timed == [("resnet18", 40)] and args.backbone == "resnet18"
 
 
 def test_train_py_with_a_budget_on_photos_lowers_the_resolution_and_a_resumed_run_keeps_it(tmp_path):
@@ -154,10 +199,15 @@ def test_train_py_with_a_budget_on_photos_lowers_the_resolution_and_a_resumed_ru
     chosen = json.loads((out / "config.json").read_text())["image_size"]
     assert 40 <= chosen < 224 and f"trains at {chosen} px" in log
     assert json.loads((out / "preprocessor_config.json").read_text())["crop_size"]["height"] == chosen
+    # Even the floor buys far fewer than 500 steps in 12 s: the default ResNet-18 gives way to ResNet-10-T.
+    assert "the budget's rule (at least 500 steps) trains resnet10t instead" in log
+    assert json.loads((out / "config.json").read_text())["backbone"] == "resnet10t"
     resumed = run_train([*flags, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"image size {chosen} px, as the interrupted run chose" in resumed.stdout + resumed.stderr
-    assert json.loads((out / "config.json").read_text())["image_size"] == chosen
+    assert "backbone resnet10t, as the interrupted run chose" in resumed.stdout + resumed.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert (config["image_size"], config["backbone"]) == (chosen, "resnet10t")
 
 
 def test_a_first_run_on_a_cpu_lowers_a_photo_resolution_until_its_planned_steps_fit(monkeypatch, caplog):
@@ -201,3 +251,18 @@ def test_a_first_run_on_a_cpu_lowers_a_photo_resolution_until_its_planned_steps_
     gpu = types.SimpleNamespace(device=torch.device("cuda"))
     train_data.fit_resolution_to_cpu(first_run(), gpu, 4000)  # a GPU keeps the photo resolution
     assert timed == []
+
+    # A step that does not shrink with the pixels (a fixed cost per image, as on a slow CPU at small sizes):
+    # the estimate from the pixel count overshoots, and the rule keeps timing until the steps fit or the
+    # floor is reached (three timings once stopped at ~20 min of a 15-minute rule).
+    def with_overhead(model, batch_size, accelerator, channels_last=False):
+        timed.append(model.config.image_size)
+        return batch_size * (2 * model.config.image_size**2 * 1e-6 + 0.012)
+
+    monkeypatch.setattr(train_data, "seconds_per_step", with_overhead)
+    args = first_run()
+    train_data.fit_resolution_to_cpu(args, accelerator, 4000)
+    seconds = 700 * 64 * (2 * args.image_size**2 * 1e-6 + 0.012)
+    assert (
+        timed == [224, 88, 72, 64, 56] and seconds <= limit and args.image_size == 56
+    )  # 3 timings: 72 px, 17 min

@@ -37,7 +37,7 @@ import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax import CorInfoMaxForPreTraining
 from modeling_corinfomax.checkpointing import CheckpointSaver, RunLock, write_atomically
 from modeling_corinfomax.cli.flags import exits_on_error
-from modeling_corinfomax.cli.train_args import parse_args, set_image_size
+from modeling_corinfomax.cli.train_args import parse_args, set_backbone, set_image_size
 from modeling_corinfomax.cli.train_data import build_dataloaders, run_length
 from modeling_corinfomax.data import InMemoryEvalDataset, batch_crops
 from modeling_corinfomax.errors import (
@@ -201,15 +201,16 @@ def finish(accelerator: Accelerator, lock: RunLock | None, results: dict | None)
 
 
 def check_resume(args, project: Path, saver: CheckpointSaver) -> None:
-    """A fresh run refuses a folder that holds another run's checkpoints; a resumed one keeps its image size."""
+    """A fresh run refuses a folder that holds another run's checkpoints; a resumed one keeps its image size
+    and backbone."""
     if args.resume_from_checkpoint is None and saver.latest() is not None:
         # A fresh run would mix its checkpoints with these, and a later 'latest' could pick the old run's.
         raise CheckpointError(
             f"--output_dir {project} holds checkpoints of an earlier run: pass --resume_from_checkpoint "
             f"latest to continue it, or start afresh in another --output_dir (or delete {project / 'checkpoints'})."
         )
-    if args.resume_from_checkpoint and args.image_size is None:
-        restore_image_size(args, project, saver)
+    if args.resume_from_checkpoint:
+        restore_run_choices(args, project, saver)
 
 
 def resume(args, saver: CheckpointSaver, state: TrainerState) -> TrainerState:
@@ -280,16 +281,21 @@ def hold_output_dir(project: Path, accelerator: Accelerator) -> RunLock | None:
     return lock
 
 
-def restore_image_size(args, project: Path, saver: CheckpointSaver) -> None:
-    """A resumed run trains at the resolution the interrupted one chose from its data (a time budget's
-    choice depends on the machine's speed at the time)."""
+def restore_run_choices(args, project: Path, saver: CheckpointSaver) -> None:
+    """A resumed run trains at the resolution, and with the backbone, that the interrupted one chose itself
+    (a time budget's choices depend on the machine's speed at the time)."""
     path = project / TRAINING_ARGS_NAME
     if (args.resume_from_checkpoint == "latest" and saver.latest() is None) or not path.is_file():
         return
-    size = json.loads(path.read_text()).get("image_size")
-    if isinstance(size, int):
+    saved = json.loads(path.read_text())
+    size = saved.get("image_size")
+    if args.image_size is None and isinstance(size, int):
         set_image_size(args, size)
         logger.info("image size %d px, as the interrupted run chose", size)
+    backbone = saved.get("backbone")
+    if "backbone" not in args.explicit and isinstance(backbone, str) and backbone != args.backbone:
+        set_backbone(args, backbone)
+        logger.info("backbone %s, as the interrupted run chose", backbone)
 
 
 def build_model(args, accelerator) -> torch.nn.Module:

@@ -516,6 +516,12 @@ def set_image_size(args: argparse.Namespace, image_size: int) -> None:
     check_backbone_accepts_image_size(args.model_config, fail)
 
 
+def set_backbone(args: argparse.Namespace, backbone: str) -> None:
+    """Set a backbone the run chose itself (the time budget's rule, or a resumed run's choice)."""
+    args.backbone = args.model_config.backbone = backbone
+    args.model_config.validate_corinfomax()
+
+
 def check_push_is_possible(args: argparse.Namespace, fail) -> None:
     """Fail now, not after training, when the push at the end cannot work (no repo id, offline, no token)."""
     from huggingface_hub import constants, get_token  # noqa: PLC0415
