@@ -27,11 +27,11 @@ from .data import load_image_dataset, resolve_columns
 from .embedding import (
     Embeddings,
     Encoder,
+    Map2D,
     draw_map,
     embed_dataset,
     load_encoder,
     nearest_neighbors,
-    project_2d,
     read_embeddings,
 )
 from .errors import ConfigurationError, DataError
@@ -116,6 +116,7 @@ class BankSearch:
         folders = [os.path.dirname(os.path.abspath(p)) for p in bank.paths]
         self.root = os.path.commonpath(folders)
         self.folders = sorted(set(folders))
+        self.map_2d: Map2D | None = None
 
     def label(self, row: int) -> str | None:
         """The class name (or index) of a bank row, None when the bank has no labels."""
@@ -137,13 +138,13 @@ class BankSearch:
         return found, query
 
     def draw(self, query: torch.Tensor | None = None):
-        """The bank's map (PIL), with `query` (a (1, D) embedding) marked on the bank's own axes."""
-        if query is None:
-            points, placed = project_2d(self.bank.embeddings), None
-        else:
-            points, placed = project_2d(self.bank.embeddings, queries=query)
+        """The bank's map (PIL), with `query` (a (1, D) embedding) marked on the bank's own axes (fitted
+        once, at the first call)."""
+        if self.map_2d is None:
+            self.map_2d = Map2D(self.bank.embeddings)
+        placed = None if query is None else self.map_2d.place(query)
         return draw_map(
-            points,
+            self.map_2d.points,
             self.bank.labels,
             self.bank.label_names,
             query=None if placed is None else placed[0],

@@ -46,7 +46,7 @@ from .data import (
 )
 from .errors import CheckpointError, DataError
 from .evaluation import _eval_mode, nearest_neighbors, pooled_features
-from .reporting import draw_map, principal_components
+from .reporting import PrincipalAxes, draw_map
 
 __all__ = [
     "Embeddings",
@@ -56,6 +56,7 @@ __all__ = [
     "load_encoder",
     "nearest_neighbors",
     "preprocessing",
+    "Map2D",
     "project_2d",
     "read_embeddings",
     "write_embeddings",
@@ -282,20 +283,28 @@ def join_parts(
     )
 
 
+class Map2D:
+    """The 2-D map of a set of embeddings (the first two principal axes of the L2-normalised rows, the
+    geometry cosine neighbours use), fitted once: `points` (N, 2) float32, and `place(queries)` for new
+    embeddings on the same axes (a query never moves the map)."""
+
+    def __init__(self, embeddings: torch.Tensor | np.ndarray):
+        self.axes = PrincipalAxes(torch.as_tensor(embeddings), n=2)
+        self.points = self.place(embeddings)
+
+    def place(self, queries: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(M, 2) float32 coordinates (one-dimensional embeddings, or a single row, get a zero column)."""
+        points = self.axes.place(torch.as_tensor(queries))
+        return np.pad(points, ((0, 0), (0, max(0, 2 - points.shape[1])))).astype(np.float32)
+
+
 def project_2d(
     embeddings: torch.Tensor | np.ndarray, queries: torch.Tensor | np.ndarray | None = None
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """(N, 2) float32 coordinates of the L2-normalised embeddings on their first two principal axes (the
-    geometry cosine neighbours use). With `queries` (M, D), also their (M, 2) coordinates on the same axes:
-    the map stays the bank's, whatever is queried."""
-    pad = lambda points: np.pad(points, ((0, 0), (0, max(0, 2 - points.shape[1])))).astype(np.float32)  # noqa: E731
-    if queries is None:  # (a single point or one-dimensional embeddings have fewer than two axes)
-        points, _ = principal_components(torch.as_tensor(embeddings), n=2)
-        return pad(points)
-    points, _, placed = principal_components(
-        torch.as_tensor(embeddings), n=2, queries=torch.as_tensor(queries)
-    )
-    return pad(points), pad(placed)
+    """(N, 2) float32 coordinates of the embeddings on their 2-D map (`Map2D`); with `queries` (M, D), also
+    their (M, 2) coordinates on the same map."""
+    map_2d = Map2D(embeddings)
+    return map_2d.points if queries is None else (map_2d.points, map_2d.place(queries))
 
 
 def write_embeddings(

@@ -34,20 +34,27 @@ FIGURE_CAPTIONS = {
 }
 
 
-def principal_components(
-    features: torch.Tensor, n: int = 2, queries: torch.Tensor | None = None
-) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The L2-normalised `features` on their first `n` principal axes, and each axis's share of variance;
-    with `queries`, also the queries (normalised alike) on the same axes, which they do not move."""
-    x = F.normalize(features.double(), dim=1)
-    mean = x.mean(dim=0)
-    _, s, v = torch.linalg.svd(x - mean, full_matrices=False)
-    variance = s.square()
-    share = (variance[:n] / variance.sum().clamp_min(1e-300)).numpy()
-    points = ((x - mean) @ v[:n].T).numpy()
-    if queries is None:
-        return points, share
-    return points, share, ((F.normalize(queries.double(), dim=1) - mean) @ v[:n].T).numpy()
+class PrincipalAxes:
+    """The first `n` principal axes of L2-normalised features, fitted once; `place` puts any features
+    (normalised alike) on them, so a map stays the same whatever is placed on it later."""
+
+    def __init__(self, features: torch.Tensor, n: int = 2):
+        x = F.normalize(torch.as_tensor(features).double(), dim=1)
+        self.mean = x.mean(dim=0)
+        _, s, v = torch.linalg.svd(x - self.mean, full_matrices=False)
+        variance = s.square()
+        self.axes = v[:n].T
+        self.share = (variance[:n] / variance.sum().clamp_min(1e-300)).numpy()
+
+    def place(self, features: torch.Tensor) -> np.ndarray:
+        """(M, n) coordinates of `features` (M, D) on the axes."""
+        return ((F.normalize(torch.as_tensor(features).double(), dim=1) - self.mean) @ self.axes).numpy()
+
+
+def principal_components(features: torch.Tensor, n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The L2-normalised `features` on their first `n` principal axes, and each axis's share of variance."""
+    axes = PrincipalAxes(features, n)
+    return axes.place(features), axes.share
 
 
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
