@@ -266,3 +266,23 @@ def test_a_first_run_on_a_cpu_lowers_a_photo_resolution_until_its_planned_steps_
     assert (
         timed == [224, 88, 72, 64, 56] and seconds <= limit and args.image_size == 56
     )  # 3 timings: 72 px, 17 min
+    assert args.backbone == "resnet18"  # it fits: the default backbone stays
+
+    # Photos on a slow CPU: even the floor (40 px) is over the 15 minutes, so the default ResNet-18 gives way
+    # to ResNet-10-T (half the cost here); a backbone the user chose stays.
+    def by_backbone(model, batch_size, accelerator, channels_last=False):
+        timed.append((model.config.backbone, model.config.image_size))
+        cost = 0.5 if model.config.backbone == "resnet10t" else 1.0
+        return cost * batch_size * (2 * model.config.image_size**2 * 1e-6 + 0.03)
+
+    monkeypatch.setattr(train_data, "seconds_per_step", by_backbone)
+    timed.clear()
+    args = first_run()
+    with caplog.at_level(logging.INFO, logger="corinfomax.train"):
+        train_data.fit_resolution_to_cpu(args, accelerator, 4000)
+    assert args.image_size == 40 and args.backbone == args.model_config.backbone == "resnet10t"
+    assert timed[-2:] == [("resnet18", 40), ("resnet10t", 40)]
+    assert "so this first run trains resnet10t instead" in caplog.text
+    args = first_run("--backbone", "resnet18")
+    train_data.fit_resolution_to_cpu(args, accelerator, 4000)
+    assert args.image_size == 40 and args.backbone == "resnet18"

@@ -179,24 +179,33 @@ def fit_resolution_to_budget(args, accelerator, started: float) -> None:
 
 def fit_backbone_to_budget(args, accelerator, seconds: float, timed: tuple[int, float, int] | None) -> None:
     """The budget's backbone rule: when the default backbone at the chosen resolution (`timed`, or timed
-    now) buys fewer than `BUDGET_MIN_STEPS` steps in `seconds`, train `BUDGET_BACKBONE` if it is faster here.
-    A backbone chosen by the user, a preset or `--model_name_or_path` is never changed."""
-    chosen = "backbone" in args.explicit or args.preset or args.model_name_or_path
-    if chosen or args.backbone != DEFAULTS["backbone"]:
+    now) buys fewer than `BUDGET_MIN_STEPS` steps in `seconds`, train `BUDGET_BACKBONE` if it is faster here
+    (`smaller_backbone`)."""
+    if not backbone_may_change(args):
         return
     size, step_time, steps = timed or timed_step(args, accelerator, args.image_size, seconds)
-    if steps >= BUDGET_MIN_STEPS:
-        return
-    _, small_time, small_steps = timed_step(args, accelerator, size, seconds, BUDGET_BACKBONE)
-    if small_steps <= steps:
+    small_time = smaller_backbone(args, accelerator, size, step_time) if steps < BUDGET_MIN_STEPS else None
+    if small_time is None:
         return
     logger.info(
         "time budget %.1f min: %s at %d px takes ~%.2f s/step here, ~%d steps; the budget's rule (at least %d "
         "steps) trains %s instead (~%.2f s/step, ~%d steps); --backbone NAME to choose",
         args.time_budget_minutes, args.backbone, size, step_time, steps, BUDGET_MIN_STEPS, BUDGET_BACKBONE,
-        small_time, small_steps,
+        small_time, int(seconds // small_time),
     )  # fmt: skip
     set_backbone(args, BUDGET_BACKBONE)
+
+
+def backbone_may_change(args) -> bool:
+    """Only the default backbone gives way: never one the user, a preset or `--model_name_or_path` chose."""
+    chosen = "backbone" in args.explicit or args.preset or args.model_name_or_path
+    return not chosen and args.backbone == DEFAULTS["backbone"]
+
+
+def smaller_backbone(args, accelerator, size: int, step_time: float) -> float | None:
+    """The step time of `BUDGET_BACKBONE` at `size` when it is faster here than `step_time`, else None."""
+    _, small_time, _ = timed_step(args, accelerator, size, 1.0, BUDGET_BACKBONE)
+    return small_time if small_time < step_time else None
 
 
 def epochs_given(args) -> bool:
@@ -220,7 +229,8 @@ def run_length(args, steps_per_epoch: int | None) -> int | None:
 def fit_resolution_to_cpu(args, accelerator, images: int | None) -> None:
     """The first-run rule on a CPU: when neither the resolution nor the run's length nor a time budget was
     given, a resolution taken from the data whose planned steps would take more than
-    `CPU_FIRST_RUN_MINUTES` here is lowered until they fit (`lower_resolution`)."""
+    `CPU_FIRST_RUN_MINUTES` here is lowered until they fit (`lower_resolution`); if the floor still does not
+    fit, the default backbone gives way to `BUDGET_BACKBONE` where that is faster (`smaller_backbone`)."""
     if accelerator.device.type != "cpu" or args.time_budget_minutes or images is None:
         return
     if args.max_train_steps or epochs_given(args) or args.image_size <= min_resolution(args.cifar_stem):
@@ -236,6 +246,17 @@ def fit_resolution_to_cpu(args, accelerator, images: int | None) -> None:
             size, step_time, planned, planned * step_time / 60, chosen, chosen_time,
             planned * chosen_time / 60, CPU_FIRST_RUN_MINUTES, size,
         )  # fmt: skip
+        # Still over the limit at the floor: the default backbone gives way, as under a budget.
+        if planned * chosen_time > CPU_FIRST_RUN_MINUTES * 60 and backbone_may_change(args):
+            small_time = smaller_backbone(args, accelerator, chosen, chosen_time)
+            if small_time is not None:
+                logger.info(
+                    "on this CPU, %s at %d px still takes ~%.0f min for the planned %d steps, so this first run "
+                    "trains %s instead (~%.2f s/step, ~%.0f min); --backbone NAME to choose",
+                    args.backbone, chosen, planned * chosen_time / 60, planned, BUDGET_BACKBONE, small_time,
+                    planned * small_time / 60,
+                )  # fmt: skip
+                set_backbone(args, BUDGET_BACKBONE)
 
 
 def timed_step(
