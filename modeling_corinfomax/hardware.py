@@ -7,6 +7,9 @@ The first command users type carries no thread or precision flag, so train.py de
   train.py flag, `accelerate launch --num_cpu_threads_per_process N`, or OMP_NUM_THREADS exported
   before the command); the launchers' own default of 1 is not a request and is replaced by the cores
   available to the process divided by the processes on the machine.
+- host memory (CPU training): glibc hands every block over 32 MiB to the kernel on `free` and maps it
+  afresh on the next `malloc`, so each step's activations (128 MiB tensors at batch 512) are page-faulted
+  and zeroed by the kernel again, step after step. `keep_freed_host_memory` tells glibc to keep them.
 - precision: bf16 autocast where the hardware runs it fast (CUDA devices with native bf16, CPUs with
   AMX or AVX512-BF16), fp32 elsewhere. A launcher or `accelerate config` setting of fp16/bf16 wins over
   that guess; an explicit train.py `--mixed_precision` wins over both.
@@ -14,7 +17,9 @@ The first command users type carries no thread or precision flag, so train.py de
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -158,6 +163,27 @@ def choose_mixed_precision(
     return "no", f"auto: {device.type} has no fast bf16, so fp32"
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+
+def keep_freed_host_memory() -> str | None:
+    """Make glibc keep the memory this process frees for its next allocations: no block is served by its own
+    `mmap` (`M_MMAP_MAX` 0) and the heap is never trimmed (`M_TRIM_THRESHOLD` at its maximum), so a training
+    step reuses the previous step's activation memory instead of page-faulting fresh zeroed pages. The price
+    is a peak RSS that stays at its high-water mark (about 25% above the default's on ResNet-18 at batch 512).
+    Takes effect for allocations made after the call. Returns None when set, else why not (not glibc)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return f"not glibc ({platform.system()} {platform.libc_ver()[0] or 'libc'})"
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # -1 is converted to the largest size_t by glibc: never trim.
+    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, -1) != 1:
+        return "glibc refused mallopt"
+    return None
+
+
 __all__ = [
     "available_cores",
     "choose_cpu_threads",
@@ -165,6 +191,7 @@ __all__ = [
     "cpu_runs_bf16_fast",
     "device_runs_bf16_fast",
     "expected_device",
+    "keep_freed_host_memory",
     "onednn_isa_cap_excludes_bf16",
     "requested_threads",
 ]

@@ -85,6 +85,7 @@ DEFAULTS: dict = {
     "num_threads": None,
     "channels_last": True,
     "torch_compile": False,
+    "reuse_host_memory": True,
     "dataloader_num_workers": None,
     "image_cache": "auto",
     "image_cache_max_gb": 2.0,

@@ -103,6 +103,7 @@ def test_preset_on_own_folder_keeps_the_recipe_and_uses_all_cores_at_the_fast_pr
     assert args["image_mean"] == [0.4914, 0.4822, 0.4465] and args["warmup_epochs"] == 10
     cores = len(os.sched_getaffinity(0))
     assert f"CPU threads: {cores} per process ({cores} cores / 1 process(es) on this machine" in log
+    assert "host memory: each step reuses the memory the previous one freed" in log
     precision = "bf16 autocast (auto" if cpu_has_native_bf16() else "fp32 (auto"
     assert f"precision: {precision}" in log
     assert args["mixed_precision"] == ("bf16" if cpu_has_native_bf16() else "no")
@@ -113,12 +114,13 @@ def test_preset_on_another_datasets_source_and_explicit_launcher_settings_win(pa
     result = launch(
         ["--num_cpu_threads_per_process", "1", "--mixed_precision", "bf16"],
         ["--preset", "cifar10", "--dataset_name", str(parquet_source), *TINY, "--max_train_steps", "1",
-         "--do_eval", "--no-eval_baselines", "--output_dir", str(out)],
+         "--do_eval", "--no-eval_baselines", "--no-reuse_host_memory", "--output_dir", str(out)],
         tmp_path,
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "CPU threads: 1 per process (the launcher's --num_cpu_threads_per_process" in log
+    assert "host memory:" not in log  # the system's allocator, as asked
     assert "precision: bf16 autocast (accelerate launch/config mixed_precision=bf16" in log
     results = json.loads((out / "eval_results.json").read_text())
     assert results["dataset"]["name"] == str(parquet_source) and results["dataset"]["split"] == "test"

@@ -51,6 +51,7 @@ from modeling_corinfomax.hardware import (
     choose_cpu_threads,
     choose_mixed_precision,
     expected_device,
+    keep_freed_host_memory,
     launched_processes,
 )
 from modeling_corinfomax.monitoring import CollapseMonitor, projection_spectrum, spectrum_summary
@@ -349,11 +350,19 @@ def make_accelerator(args, project: Path) -> Accelerator:
     state = process_group()
     device = state.device
     args.mixed_precision, precision_reason = choose_mixed_precision(args.mixed_precision, device)
-    threads_reason = None
+    threads_reason = memory_line = None
     if device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))  # processes here
         threads, threads_reason = choose_cpu_threads(args.num_threads, local)
         torch.set_num_threads(threads)
+        if args.reuse_host_memory:  # before the data and the model allocate anything large
+            why_not = keep_freed_host_memory()
+            memory_line = (
+                "each step reuses the memory the previous one freed (glibc: no mmap, no trim; "
+                "--no-reuse_host_memory to return it to the system)"
+                if why_not is None
+                else f"the system's allocator ({why_not})"
+            )
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=args.mixed_precision,
@@ -374,6 +383,8 @@ def make_accelerator(args, project: Path) -> Accelerator:
         "fp32" if args.mixed_precision == "no" else f"{args.mixed_precision} autocast",
         precision_reason,
     )
+    if memory_line is not None:
+        logger.info("host memory: %s", memory_line)
     if threads_reason is not None:
         logger.info("CPU threads: %d per process (%s; --num_threads N to change)", torch.get_num_threads(),
                     threads_reason)  # fmt: skip

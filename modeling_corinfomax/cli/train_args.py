@@ -195,6 +195,13 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--channels_last", action=bool_flag)
     g.add_argument("--torch_compile", action=bool_flag)
+    g.add_argument(
+        "--reuse_host_memory",
+        action=bool_flag,
+        help="CPU training on Linux (glibc): keep the memory freed by a step for the next one instead of "
+        "returning each large activation to the kernel and faulting it in again (1.2-1.6x per step measured "
+        "at batch 512, about +25%% peak RSS); --no-reuse_host_memory for the system's default",
+    )
     g.add_argument("--dataloader_num_workers", type=int)
     g.add_argument(
         "--image_cache",
