@@ -87,14 +87,14 @@ def test_dimensional_collapse_warns_once_per_episode_with_the_numbers():
     ranks = [40.0] * 10 + [30.0, 18.0, 10.0] + [2.0] * 20 + [40.0] * 10 + [15.0] * 3
     warnings = feed(monitor, ranks)
     assert [(w.kind, w.step) for w in warnings] == [
-        ("rank_drop", 120),  # 18 < 0.5 * 40, the window's highest
+        ("rank_drop", 130),  # 18 < 0.5 * 40, the window's highest, at 120, and still low at 130
         ("low_rank", 160),  # 3 logging steps in a row below 0.05 * 64 = 3.2: 140, 150, 160
-        ("rank_drop", 440),  # recovered (a new episode), then fell again
+        ("rank_drop", 450),  # recovered (a new episode), then fell again (440, 450)
     ]
     first = warnings[0].message
-    assert "40.0 (step 80) to 18.0 of 64" in first and "55%" in first
+    assert "40.0 (step 90) to 10.0 of 64" in first and "75%" in first and "low for 2 in a row" in first
     assert "--alpha" in first and "--learning_rate" in first and "augmentations" in first
-    assert "RankMe of the backbone embeddings 100.0 at step 10, now 89.0" in first
+    assert "RankMe of the backbone embeddings 100.0 at step 10, now 88.0" in first
     assert "below 3.2" in warnings[1].message and "since step 140" in warnings[1].message
 
 
@@ -120,13 +120,30 @@ def test_complete_collapse_needs_both_a_vanishing_invariance_and_an_exploding_lo
 def test_steps_without_an_effective_rank_are_left_out_of_the_rank_conditions():
     measured, left_out = CollapseMonitor(dim=16), CollapseMonitor(dim=16)
     assert measured.update(1, 12.0, 0.04, 7.5) == [] and left_out.update(1, None, 0.04, 7.5) == []
-    assert [w.kind for w in measured.update(2, 5.0, 0.04, 9.0)] == ["rank_drop"]  # 58% below 12
+    assert measured.update(2, 5.0, 0.04, 9.0) == []  # 58% below 12, for one logging step so far
+    assert [w.kind for w in measured.update(3, 5.0, 0.04, 9.0)] == ["rank_drop"]
     assert left_out.update(2, 5.0, 0.04, 9.0) == []
     assert [w.kind for w in left_out.update(3, 5.0, 1e-7, 30.0)] == ["complete"]  # still watched
 
 
+def test_the_demos_early_dip_is_a_transient_not_a_collapse():
+    # The effective rank of `make demo` (ResNet-10-T, 40 px) over its first 120 steps, logged every 10: one
+    # point below half the window's highest, undone at the next. The demo ends at kNN 82.8 / linear 86.9, above
+    # both baselines; a warning there told first-time users to lower --alpha.
+    demo = [32.1, 21.8, 8.7, 17.6, 25.9, 26.8, 25.3, 27.5, 27.6, 28.3, 28.4, 26.4]
+    assert feed(CollapseMonitor(dim=64), demo) == []
+    assert [w.kind for w in feed(CollapseMonitor(dim=64, confirm=1), demo)] == ["rank_drop"]  # the old rule
+    # The same dip that stays low is a collapse.
+    assert [(w.kind, w.step) for w in feed(CollapseMonitor(dim=64), [*demo[:3], 8.0, 7.5, 7.0])] == [
+        ("rank_drop", 40)
+    ]
+
+
 def test_bad_monitor_settings_are_refused():
-    for kwargs in ({"window": 1}, {"rank_drop": 1.0}, {"low_rank": -0.1}, {"covariance_rise": 0.0}):
+    for kwargs in (
+        {"window": 1}, {"rank_drop": 1.0}, {"low_rank": -0.1}, {"covariance_rise": 0.0}, {"confirm": 0},
+        {"confirm": 6},
+    ):  # fmt: skip
         with pytest.raises(ValueError):
             CollapseMonitor(dim=16, **kwargs)
 

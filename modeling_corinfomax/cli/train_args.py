@@ -252,7 +252,8 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--collapse_rank_drop",
         type=float,
-        help="collapse warning: the fraction of the window's highest effective rank that, lost, is a collapse",
+        help="collapse warning: the fraction of the window's highest effective rank that, lost at two logging "
+        "steps in a row, is a collapse",
     )
     g.add_argument(
         "--collapse_min_rank",
