@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config_kwargs
+from PIL import Image
 
 ort = pytest.importorskip(
     "onnxruntime", reason="onnxruntime is not installed: pip install 'corinfomax[onnx]'"
@@ -159,7 +160,7 @@ def test_classifier_and_timm_format_folders_export_the_same_embedding(pretrained
 
 
 def test_push_dry_run_with_onnx_adds_the_encoder_to_the_model_repo(
-    pretrained, fashion_pixels, tmp_path, monkeypatch
+    pretrained, fashion_mnist, fashion_pixels, tmp_path, monkeypatch
 ):
     model, checkpoint = pretrained
     # The default exporter is tested above; here the file's place matters, and TorchScript's export is ~10x
@@ -174,3 +175,23 @@ def test_push_dry_run_with_onnx_adds_the_encoder_to_the_model_repo(
     with torch.no_grad():
         reference = model.corinfomax(pixel_values=batch).pooler_output
     assert relative_error(run_onnx(path, batch), reference) <= TOLERANCE
+
+    # The card's onnxruntime snippet, run as written on a real image, with the Hub download pointed at the folder.
+    folder = out / "org--tiny"
+    card = (folder / "README.md").read_text()
+    assert "onnx" in card.split("---")[1]  # a tag in the front matter
+    snippet = card.split("```python\nimport onnxruntime as ort\n", 1)[1].split("```", 1)[0]
+    snippet = snippet.replace('"org/tiny", "<commit sha>"', f"{str(folder)!r}, None")
+    monkeypatch.setattr(
+        "huggingface_hub.hf_hub_download", lambda repo, name, revision: str(Path(repo) / name)
+    )
+    monkeypatch.chdir(tmp_path)
+    image = fashion_mnist["train"][0]["image"]
+    image.save("image.jpg")
+    namespace = {"ort": ort}
+    exec(snippet, namespace)  # noqa: S102
+    pixels = namespace["processor"](Image.open("image.jpg"), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.corinfomax(pixel_values=pixels).pooler_output
+    assert namespace["embedding"].shape == (1, model.corinfomax.num_features)
+    assert relative_error(torch.from_numpy(namespace["embedding"]), expected) <= TOLERANCE

@@ -35,6 +35,7 @@ from .common import (
     read_json,
     without_secrets,
 )
+from .onnx import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 from .results import RESULT_KEY, eval_results_table, eval_results_to_model_index, protocol_label
 from .timm_format import timm_architecture
 
@@ -263,11 +264,13 @@ def build_model_card(
     checkpoint_dir: str | os.PathLike | None = None,
     *,
     license: str = DEFAULT_LICENSE,
+    onnx: bool = False,
 ) -> ModelCard:
     """The card of the full model (backbone + projector + loss state, transformers with remote code).
 
     Reads `training_args.json`, `eval_results.json` and its pictures (`training.png`, `embeddings.png`,
-    `neighbours.png`) from `checkpoint_dir` when present.
+    `neighbours.png`) from `checkpoint_dir` when present. With `onnx`, the repo also holds the encoder as
+    `onnx/model.onnx` (`export.onnx`), and the card shows how to run it with onnxruntime.
     """
     corinfomax = corinfomax_encoder(model)
     config, num_features = corinfomax.config, corinfomax.num_features
@@ -331,8 +334,26 @@ classifier = AutoModelForImageClassification.from_pretrained(
 )
 ```
 """
+    if onnx:
+        usage += f"""
+The encoder is also in ONNX (`{ONNX_FILE.as_posix()}`: input `{INPUT_NAME}` with any batch size, output
+`{OUTPUT_NAME}`, the `pooler_output` above), for onnxruntime without PyTorch:
+
+```python
+import onnxruntime as ort
+from huggingface_hub import hf_hub_download
+from PIL import Image
+from transformers import AutoImageProcessor
+
+repo, commit = "{repo_id}", "{commit}"
+processor = AutoImageProcessor.from_pretrained(repo, revision=commit)
+session = ort.InferenceSession(hf_hub_download(repo, "{ONNX_FILE.as_posix()}", revision=commit))
+pixel_values = processor(Image.open("image.jpg"), return_tensors="np")["pixel_values"]
+embedding = session.run(["{OUTPUT_NAME}"], {{"{INPUT_NAME}": pixel_values}})[0]  # ({num_features},) per image
+```
+"""
     return build_card(
-        model, repo_id, checkpoint_dir, library_name="transformers", tags=["custom_code"],
+        model, repo_id, checkpoint_dir, library_name="transformers", tags=["custom_code", *(["onnx"] if onnx else [])],
         base_model=base_model if base_model and hub_ids(base_model) else None,
         introduction=introduction, usage=usage, license=license,
     )  # fmt: skip

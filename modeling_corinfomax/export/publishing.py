@@ -68,7 +68,7 @@ def write_model_folder(
         (model_dir / EVAL_RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
     for name in figures:
         shutil.copyfile(Path(run_dir) / name, model_dir / name)
-    card = build_model_card(model, repo_id, backbone_repo_id, run_dir, license=license)
+    card = build_model_card(model, repo_id, backbone_repo_id, run_dir, license=license, onnx=onnx)
     card.data.tags = [*card.data.tags, *(tag for tag in tags or [] if tag not in card.data.tags)]
     card.save(model_dir / "README.md")
     if onnx:
