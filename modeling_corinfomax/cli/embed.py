@@ -34,7 +34,13 @@ import torch
 from accelerate import Accelerator
 
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
-from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter, OneLineErrorParser, exits_on_error
+from modeling_corinfomax.cli.flags import (
+    BooleanFlag,
+    HelpFormatter,
+    OneLineErrorParser,
+    add_dataset_flags,
+    exits_on_error,
+)
 from modeling_corinfomax.cli.train import process_group
 from modeling_corinfomax.data import load_image_dataset, resolve_columns
 from modeling_corinfomax.embedding import (
@@ -67,13 +73,8 @@ def parse_args(argv: list[str] | None = None):
     )
     g = parser.add_argument_group("data (default: the bundled Fashion-MNIST test split)")
     g.add_argument("--train_dir", default=None, help="a folder of images (class sub-folders give labels)")
-    g.add_argument("--dataset_name", default=None, help="a Hub dataset id or anything `load_dataset` takes")
-    g.add_argument("--dataset_config_name", default=None)
+    add_dataset_flags(g)
     g.add_argument("--split", default=None, help="default: train (the bundled data: test)")
-    g.add_argument("--image_column", "--image_column_name", dest="image_column", default=None,
-                   help="default: the Image column, if there is one")  # fmt: skip
-    g.add_argument("--label_column", "--label_column_name", dest="label_column", default=None,
-                   help="default: the ClassLabel column, if there is one")  # fmt: skip
     g.add_argument("--streaming", action=BooleanFlag, default=False, help="read the data as a stream")
     g.add_argument("--max_samples", type=int, default=None, help="only the first N rows")
     g.add_argument("--cache_dir", default=None)

@@ -46,7 +46,7 @@ from transformers.utils import cached_file, extract_commit_hash
 
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax import embedding
-from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter, exits_on_error
+from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter, add_dataset_flags, exits_on_error
 from modeling_corinfomax.data import (
     ExampleCollator,
     ImageViewDataset,
@@ -139,16 +139,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     """The labelled splits (the bank and the evaluation split)."""
     g = parser.add_argument_group("data (default: the bundled Fashion-MNIST subset)")
-    g.add_argument("--dataset_name", default=None, help="a Hub dataset id or anything `load_dataset` takes")
-    g.add_argument("--dataset_config_name", default=None)
+    add_dataset_flags(g)
     g.add_argument("--train_dir", default=None, help="image folder (class sub-folders) of training images")
     g.add_argument("--validation_dir", default=None, help="image folder of evaluation images")
     g.add_argument("--train_split", default="train")
     g.add_argument("--validation_split", default=None, help="default: 'validation', else 'test'")
-    g.add_argument("--image_column", "--image_column_name", dest="image_column", default=None,
-                   help="default: the Image column, if there is one")  # fmt: skip
-    g.add_argument("--label_column", "--label_column_name", dest="label_column", default=None,
-                   help="default: the ClassLabel column, if there is one")  # fmt: skip
     g.add_argument("--max_train_samples", type=int, default=None, help="random subset (seeded) of train")
     g.add_argument("--max_eval_samples", type=int, default=None, help="random subset (seeded) of validation")
     g.add_argument("--cache_dir", default=None)

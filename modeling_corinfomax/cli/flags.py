@@ -27,6 +27,18 @@ class BooleanFlag(argparse.BooleanOptionalAction):
             setattr(namespace, self.dest, not option_string.startswith(("--no-", "--no_")))
 
 
+def add_dataset_flags(group, label_help: str = "default: the ClassLabel column, if there is one") -> None:
+    """`--dataset_name`, `--dataset_config_name` and the columns, the same in every command that reads a
+    `datasets` corpus (the HF examples' `--image_column_name` / `--label_column_name` are accepted too). No
+    default is given here: the parser's own applies (None, or train.py's SUPPRESS that lets presets tell
+    what was set)."""
+    group.add_argument("--dataset_name", help="a Hub dataset id or anything `load_dataset` takes")
+    group.add_argument("--dataset_config_name")
+    group.add_argument("--image_column", "--image_column_name", dest="image_column",
+                       help="default: the Image column, if there is one")  # fmt: skip
+    group.add_argument("--label_column", "--label_column_name", dest="label_column", help=label_help)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (the problem and where to look), not usage + error."""
 

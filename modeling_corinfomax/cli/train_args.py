@@ -17,7 +17,7 @@ from accelerate.tracking import get_available_trackers as available_trackers
 from accelerate.utils import LoggerType
 
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxModel
-from modeling_corinfomax.cli.flags import BooleanFlag, OneLineErrorParser
+from modeling_corinfomax.cli.flags import BooleanFlag, OneLineErrorParser, add_dataset_flags
 from modeling_corinfomax.data import PHOTO_RESOLUTION, TwoViewAugmentation, min_resolution
 from modeling_corinfomax.data.resolution import SAMPLE_SIZE
 from modeling_corinfomax.errors import ConfigurationError, DataError
@@ -80,17 +80,10 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     """Where the images come from and which columns hold them."""
     bool_flag = BooleanFlag
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset_name", help="a Hub dataset id or anything datasets.load_dataset accepts")
-    g.add_argument("--dataset_config_name")
+    add_dataset_flags(g, label_help="optional: labels are used only for monitoring")
     g.add_argument("--train_dir", help="a local folder of images (imagefolder)")
     g.add_argument("--train_split")
     g.add_argument("--validation_split", help="labelled split for monitoring and the final evaluation")
-    # The HF examples' names (`--image_column_name`, as finetune.py) are accepted too.
-    g.add_argument("--image_column", "--image_column_name", dest="image_column")
-    g.add_argument(
-        "--label_column", "--label_column_name", dest="label_column",
-        help="optional: labels are used only for monitoring",
-    )  # fmt: skip
     g.add_argument("--max_train_samples", type=int)
     g.add_argument("--max_eval_samples", type=int, help="size of the held-out split used for kNN monitoring")
     g.add_argument("--streaming", action=bool_flag)
