@@ -121,6 +121,20 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of one call of `fn` over `repeats` timed calls, after one untimed warm-up call (the device
+    is synchronised after each call)."""
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
 def alternate(runs: dict, repeats: int, steps: int, device: torch.device) -> dict[str, list[float]]:
     """Time every entry of `runs` (name -> zero-argument step) `repeats` times, interleaved.
 

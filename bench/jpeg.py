@@ -39,7 +39,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import TrainStep, machine_info, pick_device, synchronize, write_json  # noqa: E402
+from common import TrainStep, machine_info, median_seconds, pick_device, synchronize, write_json  # noqa: E402
 from PIL import Image  # noqa: E402
 
 PHOTOS = Path("/usr/share/backgrounds/mate/nature")
@@ -171,15 +171,7 @@ def device_decoding(folder, size: int, workers: int, collate, device: torch.devi
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in one["jpeg"]]
 
     def seconds(fn) -> float:
-        fn()
-        synchronize(device)
-        times = []
-        for _ in range(5):
-            started = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - started)
-        return sorted(times)[2]
+        return median_seconds(fn, 5, device)
 
     images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     rates["decode_jpeg alone (one batch)"] = batch / seconds(
@@ -206,15 +198,7 @@ def step_seconds(
     accelerator = Accelerator(mixed_precision=targs.mixed_precision, cpu=device.type == "cpu")
     step = TrainStep.from_args(targs, accelerator.device, accelerator)
     crops = torch.randint(0, 256, (2, batch, 3, size, size), dtype=torch.uint8, device=accelerator.device)
-    step(crops[0], crops[1])
-    synchronize(accelerator.device)
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        step(crops[0], crops[1])
-        synchronize(accelerator.device)
-        times.append(time.perf_counter() - started)
-    return sorted(times)[1], targs
+    return median_seconds(lambda: step(crops[0], crops[1]), 3, accelerator.device), targs
 
 
 def main() -> None:
