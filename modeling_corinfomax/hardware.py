@@ -184,6 +184,20 @@ def keep_freed_host_memory() -> str | None:
     return None
 
 
+def reuse_host_memory(flag: bool, device: torch.device) -> str | None:
+    """Apply `--reuse_host_memory` for a run on `device` (`keep_freed_host_memory` on a CPU), and return the
+    log line that says what holds, or None where there is nothing to say (a GPU run, or the flag is off)."""
+    if device.type != "cpu" or not flag:
+        return None
+    why_not = keep_freed_host_memory()
+    if why_not is not None:
+        return f"host memory: the system's allocator ({why_not})"
+    return (
+        "host memory: each batch reuses the memory the previous one freed (glibc: no mmap, no trim; "
+        "--no-reuse_host_memory to return it to the system)"
+    )
+
+
 __all__ = [
     "available_cores",
     "choose_cpu_threads",
@@ -194,4 +208,5 @@ __all__ = [
     "keep_freed_host_memory",
     "onednn_isa_cap_excludes_bf16",
     "requested_threads",
+    "reuse_host_memory",
 ]

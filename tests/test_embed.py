@@ -165,6 +165,7 @@ def test_two_launched_cpu_processes_write_every_image_once_in_row_order(
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "2 process(es)" in log
+    assert "host memory: each batch reuses the memory the previous one freed" in log
     [line] = [line for line in log.splitlines() if "images/s" in line]  # the main process's line only
     assert "26 images, 512-dim embeddings" in line and str(out) in line
     back = read_embeddings(out)

@@ -103,7 +103,7 @@ def test_preset_on_own_folder_keeps_the_recipe_and_uses_all_cores_at_the_fast_pr
     assert args["image_mean"] == [0.4914, 0.4822, 0.4465] and args["warmup_epochs"] == 10
     cores = len(os.sched_getaffinity(0))
     assert f"CPU threads: {cores} per process ({cores} cores / 1 process(es) on this machine" in log
-    assert "host memory: each step reuses the memory the previous one freed" in log
+    assert "host memory: each batch reuses the memory the previous one freed" in log
     precision = "bf16 autocast (auto" if cpu_has_native_bf16() else "fp32 (auto"
     assert f"precision: {precision}" in log
     assert args["mixed_precision"] == ("bf16" if cpu_has_native_bf16() else "no")

@@ -39,6 +39,7 @@ from modeling_corinfomax.cli.flags import (
     HelpFormatter,
     OneLineErrorParser,
     add_dataset_flags,
+    add_host_memory_flag,
     exits_on_error,
 )
 from modeling_corinfomax.cli.train import process_group
@@ -52,7 +53,7 @@ from modeling_corinfomax.embedding import (
     write_embeddings,
 )
 from modeling_corinfomax.errors import ConfigurationError
-from modeling_corinfomax.hardware import choose_cpu_threads
+from modeling_corinfomax.hardware import choose_cpu_threads, reuse_host_memory
 
 logger = logging.getLogger("corinfomax.embed")
 
@@ -81,6 +82,7 @@ def parse_args(argv: list[str] | None = None):
     g = parser.add_argument_group("run and outputs")
     g.add_argument("--per_device_batch_size", type=int, default=64)
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="processes decoding the images")
+    add_host_memory_flag(g)
     g.add_argument(
         "--skip_bad_images",
         action=BooleanFlag,
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
+    if (memory_line := reuse_host_memory(args.reuse_host_memory, accelerator.device)) is not None:
+        logger.info(memory_line)
     check_outputs(args)
 
     dataset, image_column, label_column = load_rows(args)  # a data problem surfaces before the model loads

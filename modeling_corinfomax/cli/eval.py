@@ -46,7 +46,13 @@ from transformers.utils import cached_file, extract_commit_hash
 
 import modeling_corinfomax  # noqa: F401  (registers the Auto classes)
 from modeling_corinfomax import embedding
-from modeling_corinfomax.cli.flags import BooleanFlag, HelpFormatter, add_dataset_flags, exits_on_error
+from modeling_corinfomax.cli.flags import (
+    BooleanFlag,
+    HelpFormatter,
+    add_dataset_flags,
+    add_host_memory_flag,
+    exits_on_error,
+)
 from modeling_corinfomax.data import (
     ExampleCollator,
     ImageViewDataset,
@@ -68,6 +74,7 @@ from modeling_corinfomax.evaluation import (
     linear_probe,
     update_eval_results,
 )
+from modeling_corinfomax.hardware import reuse_host_memory
 from modeling_corinfomax.presets import LINEAR_EVAL_PRESETS, PRESETS
 
 logger = logging.getLogger("corinfomax.eval")
@@ -182,6 +189,7 @@ def add_protocol_flags(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_TOTAL_BATCH_SIZE}, the official one); each process gets total / number of processes",
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_host_memory_flag(g)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--output_dir", default=None, help="where eval_results.json goes (default: only printed)")
     g.add_argument(
@@ -400,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
+    if (memory_line := reuse_host_memory(args.reuse_host_memory, accelerator.device)) is not None:
+        logger.info(memory_line)
     set_seed(args.seed)
 
     data = load_data(args)  # data first: a dataset problem should surface before minutes of model loading

@@ -39,6 +39,19 @@ def add_dataset_flags(group, label_help: str = "default: the ClassLabel column, 
     group.add_argument("--label_column", "--label_column_name", dest="label_column", help=label_help)
 
 
+def add_host_memory_flag(group, default: bool | None = True) -> None:
+    """`--reuse_host_memory` (`hardware.reuse_host_memory`), the same in every command that runs a model."""
+    group.add_argument(
+        "--reuse_host_memory",
+        action=BooleanFlag,
+        **({} if default is None else {"default": default}),
+        help="on a CPU under Linux (glibc): keep the memory freed by a batch for the next one instead of "
+        "returning each large activation to the kernel and faulting it in again (training: 1.2-1.3x per "
+        "step at batch 512; embedding: 1.3x at 224 px; peak RSS about 25%% higher); "
+        "--no-reuse_host_memory for the system's default",
+    )
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (the problem and where to look), not usage + error."""
 

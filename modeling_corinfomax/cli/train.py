@@ -51,8 +51,8 @@ from modeling_corinfomax.hardware import (
     choose_cpu_threads,
     choose_mixed_precision,
     expected_device,
-    keep_freed_host_memory,
     launched_processes,
+    reuse_host_memory,
 )
 from modeling_corinfomax.monitoring import CollapseMonitor, projection_spectrum, spectrum_summary
 from modeling_corinfomax.reporting import TRAINING_ARGS_NAME
@@ -350,19 +350,12 @@ def make_accelerator(args, project: Path) -> Accelerator:
     state = process_group()
     device = state.device
     args.mixed_precision, precision_reason = choose_mixed_precision(args.mixed_precision, device)
-    threads_reason = memory_line = None
+    threads_reason = None
     if device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))  # processes here
         threads, threads_reason = choose_cpu_threads(args.num_threads, local)
         torch.set_num_threads(threads)
-        if args.reuse_host_memory:  # before the data and the model allocate anything large
-            why_not = keep_freed_host_memory()
-            memory_line = (
-                "each step reuses the memory the previous one freed (glibc: no mmap, no trim; "
-                "--no-reuse_host_memory to return it to the system)"
-                if why_not is None
-                else f"the system's allocator ({why_not})"
-            )
+    memory_line = reuse_host_memory(args.reuse_host_memory, device)  # before anything large is allocated
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=args.mixed_precision,
@@ -384,7 +377,7 @@ def make_accelerator(args, project: Path) -> Accelerator:
         precision_reason,
     )
     if memory_line is not None:
-        logger.info("host memory: %s", memory_line)
+        logger.info(memory_line)
     if threads_reason is not None:
         logger.info("CPU threads: %d per process (%s; --num_threads N to change)", torch.get_num_threads(),
                     threads_reason)  # fmt: skip

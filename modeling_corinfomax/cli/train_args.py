@@ -17,7 +17,12 @@ from accelerate.tracking import get_available_trackers as available_trackers
 from accelerate.utils import LoggerType
 
 from modeling_corinfomax import CorInfoMaxConfig, CorInfoMaxModel
-from modeling_corinfomax.cli.flags import BooleanFlag, OneLineErrorParser, add_dataset_flags
+from modeling_corinfomax.cli.flags import (
+    BooleanFlag,
+    OneLineErrorParser,
+    add_dataset_flags,
+    add_host_memory_flag,
+)
 from modeling_corinfomax.data import PHOTO_RESOLUTION, TwoViewAugmentation, min_resolution
 from modeling_corinfomax.data.resolution import SAMPLE_SIZE
 from modeling_corinfomax.errors import ConfigurationError, DataError
@@ -188,13 +193,7 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--channels_last", action=bool_flag)
     g.add_argument("--torch_compile", action=bool_flag)
-    g.add_argument(
-        "--reuse_host_memory",
-        action=bool_flag,
-        help="CPU training on Linux (glibc): keep the memory freed by a step for the next one instead of "
-        "returning each large activation to the kernel and faulting it in again (1.2-1.6x per step measured "
-        "at batch 512, about +25%% peak RSS); --no-reuse_host_memory for the system's default",
-    )
+    add_host_memory_flag(g, default=None)  # the default is in presets.DEFAULTS
     g.add_argument("--dataloader_num_workers", type=int)
     g.add_argument(
         "--image_cache",
