@@ -184,6 +184,18 @@ def keep_freed_host_memory() -> str | None:
     return None
 
 
+def use_every_core(device: torch.device, num_processes: int) -> str | None:
+    """For a command without a thread flag (eval.py, embed) on a CPU: set `choose_cpu_threads`' count (the
+    user's OMP_NUM_THREADS or launcher setting, else the cores shared by the processes on this machine, not
+    the launcher's default of 1) and return the log line; None on a GPU."""
+    if device.type != "cpu":
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))  # processes on this machine
+    threads, reason = choose_cpu_threads(None, local)
+    torch.set_num_threads(threads)
+    return f"CPU threads: {threads} per process ({reason})"
+
+
 def reuse_host_memory(flag: bool, device: torch.device) -> str | None:
     """Apply `--reuse_host_memory` for a run on `device` (`keep_freed_host_memory` on a CPU), and return the
     log line that says what holds, or None where there is nothing to say (a GPU run, or the flag is off)."""
@@ -208,5 +220,6 @@ __all__ = [
     "keep_freed_host_memory",
     "onednn_isa_cap_excludes_bf16",
     "requested_threads",
+    "use_every_core",
     "reuse_host_memory",
 ]

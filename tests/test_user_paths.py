@@ -220,3 +220,20 @@ def test_refusals_are_one_line_without_a_traceback(flags, message, tmp_path):
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), log[-2000:]
     assert "Traceback" not in log
+
+
+def test_accelerate_launch_eval_uses_every_core_and_keeps_host_memory(pretrained, tmp_path):
+    # The README's `accelerate launch eval.py --model_name_or_path ...`: the launcher's OMP_NUM_THREADS=1 is its
+    # default, not the user's request, so eval.py (like train.py) replaces it with the cores here.
+    _, checkpoint = pretrained
+    result = subprocess.run(
+        [*ACCELERATE, str(REPO_ROOT / "eval.py"), "--model_name_or_path", str(checkpoint), "--max_train_samples",
+         "100", "--max_eval_samples", "50", "--output_dir", str(tmp_path / "eval")],
+        env=user_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    cores = len(os.sched_getaffinity(0))
+    assert f"CPU threads: {cores} per process ({cores} cores / 1 process(es) on this machine" in log
+    assert "host memory: each batch reuses the memory the previous one freed" in log
+    assert "knn_top1" in json.loads((tmp_path / "eval" / "eval_results.json").read_text())

@@ -26,7 +26,6 @@ embed their part of the rows; the main process writes every row once, in row ord
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from modeling_corinfomax.embedding import (
     write_embeddings,
 )
 from modeling_corinfomax.errors import ConfigurationError
-from modeling_corinfomax.hardware import choose_cpu_threads, reuse_host_memory
+from modeling_corinfomax.hardware import reuse_host_memory, use_every_core
 
 logger = logging.getLogger("corinfomax.embed")
 
@@ -148,14 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     state = process_group()  # N launched CPU processes form one group (Accelerate alone leaves them apart)
     accelerator = Accelerator(cpu=state.device.type == "cpu")
-    if accelerator.device.type == "cpu":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(choose_cpu_threads(None, local)[0])
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
-    if (memory_line := reuse_host_memory(args.reuse_host_memory, accelerator.device)) is not None:
-        logger.info(memory_line)
+    for line in (
+        use_every_core(accelerator.device, accelerator.num_processes),
+        reuse_host_memory(args.reuse_host_memory, accelerator.device),
+    ):
+        if line is not None:
+            logger.info(line)
     check_outputs(args)
 
     dataset, image_column, label_column = load_rows(args)  # a data problem surfaces before the model loads

@@ -74,7 +74,7 @@ from modeling_corinfomax.evaluation import (
     linear_probe,
     update_eval_results,
 )
-from modeling_corinfomax.hardware import reuse_host_memory
+from modeling_corinfomax.hardware import reuse_host_memory, use_every_core
 from modeling_corinfomax.presets import LINEAR_EVAL_PRESETS, PRESETS
 
 logger = logging.getLogger("corinfomax.eval")
@@ -408,8 +408,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
-    if (memory_line := reuse_host_memory(args.reuse_host_memory, accelerator.device)) is not None:
-        logger.info(memory_line)
+    for line in (
+        use_every_core(accelerator.device, accelerator.num_processes),
+        reuse_host_memory(args.reuse_host_memory, accelerator.device),
+    ):
+        if line is not None:
+            logger.info(line)
     set_seed(args.seed)
 
     data = load_data(args)  # data first: a dataset problem should surface before minutes of model loading
